@@ -1,0 +1,125 @@
+"""Typed configuration: dataclasses built from plain dicts with every key and type checked.
+
+``from_dict(Cls, data, where="recipe.yaml")`` turns the YAML of a recipe into nested dataclasses.
+An unknown key or a value of the wrong type is an error that names the dotted key, the file and
+what was expected, e.g. ``recipe.yaml: optim.lr: expected float, got 'fast' (str)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin
+
+
+class ConfigError(ValueError):
+    """A recipe or config value is missing, unknown or of the wrong type."""
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
+    origin = get_origin(tp)
+    fail = ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, key, where)
+            except ConfigError:
+                pass
+        raise fail
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise fail
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise fail
+        return from_dict(tp, value, where, prefix=f"{key}.")
+    if tp in (tuple, list):
+        if isinstance(value, (list, tuple)):
+            return tp(value)
+        raise fail
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise fail
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{where}: {key}: expected {len(args)} values, got {len(value)}")
+            items = [_convert(a, v, f"{key}[{i}]", where) for i, (a, v) in enumerate(zip(args, value))]
+        else:
+            item_tp = args[0] if args else Any
+            items = [_convert(item_tp, v, f"{key}[{i}]", where) for i, v in enumerate(value)]
+        return origin(items)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise fail
+        args = get_args(tp)
+        if args:
+            return {k: _convert(args[1], v, f"{key}.{k}", where) for k, v in value.items()}
+        return dict(value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise fail
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise fail
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise fail
+
+
+def from_dict(cls: type, data: dict | None, where: str = "config", prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, checking every key and type (see module docstring)."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(str(k), fields, n=1)
+        hint = f" (did you mean {prefix}{close[0]!r}?)" if close else f" (known keys: {', '.join(fields)})"
+        raise ConfigError(f"{where}: unknown key {prefix}{k!r}{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], f"{prefix}{name}", where)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+            raise ConfigError(f"{where}: missing required key {prefix}{name!r}")
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclasses → plain dicts/lists (tuples become lists), JSON- and YAML-friendly."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,173 @@
+"""Where images come from: WebDataset shards, ImageFolder trees and flat folders of images.
+
+``open_source(spec, split)`` returns a :class:`Source` — a list of samples (encoded bytes or a file
+path, an integer label or -1, an optional caption) and the class names when known.  ``spec`` is:
+
+- a folder with a ``dataset.json`` (the layout of ``../shared/data``): the shards of ``split``;
+- a folder of ``*.tar`` / ``*.tar.gz`` shards (those starting with ``{split}-`` if any do);
+- a shard file, or a brace pattern such as ``data/train-{00000..00004}.tar.gz``;
+- an ImageFolder tree (``root/<class>/<image>``): labels from sorted class folder names;
+- a flat folder of images (no labels).
+
+Shards hold ``<key>.jpg|png|webp`` plus optional ``<key>.cls`` (class index), ``<key>.txt``
+(caption) and ``<key>.json``.  A shard is read whole into memory (encoded bytes, not pixels).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from braceexpand import braceexpand
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
+SHARD_EXTS = (".tar", ".tar.gz", ".tgz")
+
+
+class DataError(ValueError):
+    """A data source is missing, empty or malformed; the message names the path."""
+
+
+@dataclass
+class Sample:
+    key: str  # shard-relative key or file path, used in error messages
+    data: Optional[bytes] = None  # encoded image (shards)
+    path: Optional[str] = None  # image file (folders)
+    label: int = -1
+    text: Optional[str] = None
+    meta: Optional[dict] = None
+
+
+@dataclass
+class Source:
+    spec: str
+    samples: list[Sample]
+    classes: Optional[list[str]] = None
+    skipped: list[str] = field(default_factory=list)  # "key: reason" for samples dropped while reading
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def _is_shard(p: Path) -> bool:
+    return p.name.endswith(SHARD_EXTS)
+
+
+def _read_shard(path: Path, skipped: list[str]) -> list[Sample]:
+    groups: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = member.name
+                base = name.rsplit("/", 1)[-1]
+                if "." not in base:
+                    continue
+                key, ext = name[: name.rfind(".")], name[name.rfind(".") + 1 :].lower()
+                f = tar.extractfile(member)
+                groups.setdefault(key, {})[ext] = f.read() if f is not None else b""
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"{path}: not a readable tar shard ({e}); re-create it or remove it from the data") from None
+    samples = []
+    for key, files in groups.items():
+        img_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
+        where = f"{path.name}:{key}"
+        if img_ext is None:
+            skipped.append(f"{where}: no image file in sample (has {', '.join(sorted(files))})")
+            continue
+        label = -1
+        if "cls" in files:
+            try:
+                label = int(files["cls"].decode().strip())
+            except ValueError:
+                skipped.append(f"{where}: .cls is not an integer ({files['cls'][:20]!r})")
+                continue
+        meta = None
+        if "json" in files:
+            try:
+                meta = json.loads(files["json"])
+            except ValueError:
+                meta = None
+        text = files["txt"].decode("utf-8", "replace") if "txt" in files else None
+        samples.append(Sample(key=where, data=files[img_ext], label=label, text=text, meta=meta))
+    return samples
+
+
+def _shards_from_folder(folder: Path, split: str) -> tuple[list[Path], Optional[list[str]]]:
+    meta_file = folder / "dataset.json"
+    if meta_file.is_file():
+        try:
+            meta = json.loads(meta_file.read_text())
+        except ValueError as e:
+            raise DataError(f"{meta_file}: not valid JSON ({e})") from None
+        splits = meta.get("splits", {})
+        if split not in splits:
+            raise DataError(f"{meta_file}: no split {split!r} (splits: {', '.join(splits) or 'none'})")
+        return [folder / s for s in splits[split]["shards"]], meta.get("classes")
+    shards = sorted(p for p in folder.iterdir() if _is_shard(p))
+    of_split = [p for p in shards if p.name.startswith(f"{split}-")]
+    return (of_split or shards), None
+
+
+def _classes_from_json(folder: Path) -> Optional[list[str]]:
+    meta = folder / "dataset.json"
+    if meta.is_file():
+        try:
+            return json.loads(meta.read_text()).get("classes")
+        except ValueError:
+            return None
+    return None
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+
+
+def open_source(spec: str | Path, split: str = "train") -> Source:
+    """Resolve ``spec`` (see module docstring) into a :class:`Source`."""
+    spec = str(spec)
+    if not spec:
+        raise DataError("no data given: set data.train in the recipe or pass a path")
+    skipped: list[str] = []
+    classes = None
+    p = Path(spec)
+    if p.is_dir():
+        subdirs = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
+        has_shards = (p / "dataset.json").is_file() or any(_is_shard(c) for c in p.iterdir())
+        if has_shards:
+            shards, classes = _shards_from_folder(p, split)
+        elif subdirs and any(_images_in(d) for d in subdirs):
+            classes = [d.name for d in subdirs]
+            samples = [Sample(key=str(f), path=str(f), label=i) for i, d in enumerate(subdirs) for f in _images_in(d)]
+            return _non_empty(Source(spec, samples, classes, skipped))
+        else:
+            samples = [Sample(key=str(f), path=str(f)) for f in _images_in(p)]
+            return _non_empty(Source(spec, samples, None, skipped))
+    elif p.is_file() and _is_shard(p):
+        shards, classes = [p], _classes_from_json(p.parent)
+    elif p.is_file() and p.suffix.lower() in IMAGE_EXTS:
+        return Source(spec, [Sample(key=str(p), path=str(p))])
+    else:
+        shards = [Path(s) for pat in braceexpand(spec) for s in (sorted(glob.glob(pat)) or [pat])]
+        if not any(_is_shard(s) for s in shards):
+            raise DataError(f"data {spec!r} not found: expected a folder of images or shards, a .tar/.tar.gz shard "
+                            "or a brace pattern like data/train-{00000..00004}.tar.gz")
+        classes = _classes_from_json(shards[0].parent) if shards else None
+    missing = [str(s) for s in shards if not s.is_file()]
+    if missing:
+        raise DataError(f"shard(s) not found: {', '.join(missing[:3])}" + (" …" if len(missing) > 3 else ""))
+    samples = []
+    for shard in shards:
+        samples.extend(_read_shard(shard, skipped))
+    return _non_empty(Source(spec, samples, classes, skipped))
+
+
+def _non_empty(src: Source) -> Source:
+    if not src.samples:
+        extra = f" ({len(src.skipped)} samples skipped: {src.skipped[0]})" if src.skipped else ""
+        raise DataError(f"no images found in {src.spec!r}{extra}; expected {', '.join(IMAGE_EXTS[:4])} files or shards")
+    return src

@@ -1,0 +1,2 @@
+"""Built-in methods.  Importing this package registers each one (one import line per method)."""
+from . import rotation, simclr  # noqa: F401

@@ -1,0 +1,73 @@
+"""The method interface every SSL method implements; the trainer knows nothing else about methods.
+
+A method is an ``nn.Module`` holding ``self.backbone`` (the encoder that gets exported) and whatever
+heads, teachers, queues or discriminators it needs.  The trainer calls, per step:
+
+    out = method.loss(batch)          # dict of scalars; out["loss"] is minimised
+    ... backward, optimiser step ...
+    method.on_step_end(step, max_steps)   # EMA teachers, momentum / temperature schedules, queues
+
+Methods with a second optimiser (e.g. an adversarial discriminator) return more loss keys from
+``optim_groups()``: each key names a loss in the dict and the parameters its optimiser updates.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+import torch
+from torch import nn
+
+from ..data.augment import BatchAugment, ViewConfig
+from ..encoder import Backbone
+
+
+@dataclass
+class Batch:
+    """What a method gets each step.  ``images`` stay uint8: the method makes its own views."""
+
+    images: torch.Tensor  # (B, 3, S, S) uint8
+    labels: Optional[torch.Tensor] = None  # (B,) int64, -1 where unknown
+    texts: Optional[list[str]] = None  # captions for image–text methods
+    rng: torch.Generator = field(default_factory=torch.Generator)  # the step's seeded generator
+    step: int = 0
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's ``Config``; the recipe's ``method_args`` block is typed by it."""
+
+
+class Method(nn.Module):
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = MethodConfig
+    paper: ClassVar[str] = ""  # "Author et al. YEAR, https://arxiv.org/abs/…", shown by `sslhub methods`
+
+    def __init__(self, backbone: Backbone, cfg: MethodConfig):
+        super().__init__()
+        self.backbone = backbone
+        self.cfg = cfg
+
+    def view_pipeline(self, views: ViewConfig) -> BatchAugment:
+        """Batched augmentation for ``views``, normalised with the encoder's own mean and std."""
+        enc = self.backbone.cfg
+        return BatchAugment(dataclasses.replace(views, mean=tuple(enc.mean), std=tuple(enc.std)))
+
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return self.loss(batch)
+
+    def on_step_end(self, step: int, max_steps: int) -> None:
+        """Called after every optimiser step (EMA updates, schedules)."""
+
+    def optim_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Loss key → parameters its optimiser updates.  Default: one optimiser for everything."""
+        return {"loss": [p for p in self.parameters() if p.requires_grad]}
+
+    @torch.no_grad()
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Pretext-task metrics on held-out uint8 images (methods with a pretext task override)."""
+        return {}

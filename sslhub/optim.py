@@ -1,0 +1,90 @@
+"""Optimisers (AdamW, SGD, LARS) and the per-step cosine schedule with linear warm-up."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from .recipe import OptimConfig
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio (You et al. 2017, https://arxiv.org/abs/1708.03888).
+
+    As in SimCLR/BYOL, parameter groups with ``lars_exclude=True`` (biases, norm layers) get
+    neither weight decay nor the trust ratio.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001, eps: float = 1e-8):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        trust_coefficient=trust_coefficient, eps=eps, lars_exclude=False)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if not group["lars_exclude"]:
+                    if group["weight_decay"]:
+                        d = d.add(p, alpha=group["weight_decay"])
+                    w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    trust = torch.where((w_norm > 0) & (d_norm > 0),
+                                        group["trust_coefficient"] * w_norm / (d_norm + group["eps"]),
+                                        torch.ones_like(w_norm))
+                    d = d.mul(trust)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.clone(d).detach()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(d)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return loss
+
+
+def param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices/kernels only; biases and norm scales (ndim ≤ 1) are exempt."""
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lars_exclude": True})
+    return groups
+
+
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """The recipe's base lr is for batch 256 (Goyal et al. 2017); scale it to the real batch."""
+    if cfg.lr_scaling == "linear":
+        return cfg.lr * global_batch / 256
+    if cfg.lr_scaling == "sqrt":
+        return cfg.lr * math.sqrt(global_batch / 256)
+    return cfg.lr
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    groups = param_groups(params, cfg.weight_decay)
+    if cfg.name == "lars":
+        return LARS(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                    trust_coefficient=cfg.trust_coefficient)
+    for g in groups:
+        g.pop("lars_exclude", None)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas)
+
+
+def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
+                    warmup_start: float = 0.0) -> np.ndarray:
+    """Per-step values: linear warm-up from ``warmup_start`` to ``base``, then cosine to ``final``."""
+    warmup_steps = min(warmup_steps, total_steps)
+    warm = np.linspace(warmup_start, base, warmup_steps, endpoint=False) if warmup_steps else np.array([])
+    t = np.arange(total_steps - warmup_steps)
+    span = max(total_steps - warmup_steps, 1)
+    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / span))
+    return np.concatenate([warm, cos])

@@ -1,0 +1,151 @@
+"""Recipes: one YAML file says everything about a training run.
+
+A recipe has a fixed, typed top level (``encoder``, ``data``, ``optim``, ``train``, ``eval``) and a
+``method_args`` block typed by the chosen method's own ``Config`` dataclass.  ``--set a.b=value``
+overrides any key; the value is parsed as YAML (``--set optim.lr=0.1``, ``--set
+encoder.cifar_stem=false``, ``--set method_args.views.scale=[0.2,1.0]``).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .config import ConfigError, from_dict, to_dict
+from .registry import get_method
+
+
+@dataclass
+class EncoderConfig:
+    arch: str = "resnet18"  # any timm architecture name
+    cifar_stem: bool = False  # ResNets: 3x3 stride-1 first conv, no max-pool (for 32-px images)
+    image_size: int = 224  # input size the encoder is trained and served at
+    model_args: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs (e.g. patch_size)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # shards folder / brace pattern / ImageFolder tree / flat folder of images
+    split: str = "train"  # split to read from a folder with a dataset.json
+    batch_size: int = 256  # global batch size (split across processes)
+    num_workers: int = 2  # decoding workers
+    cache: bool = True  # decode once into memory (uint8) before training
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["lars", "sgd", "adamw"] = "adamw"
+    lr: float = 1e-3  # base learning rate at batch 256 (scaled linearly with the global batch)
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    weight_decay: float = 1e-6
+    momentum: float = 0.9  # SGD / LARS momentum
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW
+    trust_coefficient: float = 0.001  # LARS eta
+    warmup_epochs: float = 10.0
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    clip_grad: Optional[float] = None  # max global grad norm, off when null
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 100.0
+    max_steps: Optional[int] = None  # overrides epochs when set
+    accumulate: int = 1  # gradient accumulation micro-steps per optimizer step
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = torch.autocast on CPU or GPU
+    channels_last: bool = False
+    device: str = "auto"  # auto → cuda when available, else cpu
+    log_every: int = 10  # steps between metric rows
+    ckpt_every: int = 200  # steps between checkpoints (one more at the end)
+    threads: Optional[int] = None  # torch.set_num_threads; null → torch's default
+
+
+@dataclass
+class KnnEval:
+    train: str = ""  # bank (labelled); empty → the training data
+    test: str = ""  # queries (labelled); empty → skip k-NN
+    train_split: str = "train"
+    test_split: str = "test"
+    k: tuple[int, ...] = (20, 200)
+    temperature: float = 0.07
+
+
+@dataclass
+class EvalConfig:
+    knn: KnnEval = field(default_factory=KnnEval)
+    pretext: bool = True  # methods with a pretext task report their own accuracy on the test set
+
+
+@dataclass
+class Recipe:
+    method: str
+    seed: int = 0
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    method_args: Any = None  # the method's Config dataclass
+    source: str = ""  # where the recipe came from (for the model card)
+
+    def to_dict(self) -> dict:
+        d = to_dict(self)
+        d.pop("source")
+        return d
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, where: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        if node.get(k) is None:
+            node[k] = {}
+        if not isinstance(node[k], dict):
+            raise ConfigError(f"{where}: --set {dotted}: {k!r} is not a mapping")
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    pairs = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.lr=0.1")
+        key, raw = item.split("=", 1)
+        pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else "")) 
+    return pairs
+
+
+def recipe_from_dict(raw: dict, where: str = "recipe", overrides: list[str] | None = None) -> Recipe:
+    raw = copy.deepcopy(raw or {})
+    for key, value in parse_overrides(overrides):
+        _set_dotted(raw, key, value, where)
+    if "method" not in raw:
+        raise ConfigError(f"{where}: missing required key 'method' (one of `sslhub methods`)")
+    try:
+        method_cls = get_method(raw["method"])
+    except KeyError as e:
+        raise ConfigError(f"{where}: method: {e.args[0]}") from None
+    method_args = raw.pop("method_args", None) or {}
+    recipe = from_dict(Recipe, raw, where)
+    recipe.method_args = from_dict(method_cls.Config, method_args, where, prefix="method_args.")
+    recipe.source = where
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe YAML file, apply ``--set`` overrides and type-check everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r} not found (recipes live in recipes/*.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return recipe_from_dict(raw, str(path), overrides)

@@ -1,0 +1,274 @@
+"""The trainer: recipe → steps → checkpoints → evaluation → export, in one process or many.
+
+Everything a step does is a function of (checkpointed state, step number): the batch comes from a
+seeded per-epoch permutation (``BatchPlan``) and every random number from a generator seeded with
+``(seed, step, rank)``.  So ``--resume`` after a crash, even a SIGKILL, ends with the same weights as
+an uninterrupted run.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import distributed as D
+from .checkpoint import load_state, save_state
+from .config import to_dict
+from .data.images import BatchPlan, DecodedImages, decode_all
+from .data.sources import open_source
+from .encoder import Backbone
+from .eval.knn import knn_eval
+from .export import export_encoder
+from .methods.base import Batch, Method
+from .optim import build_optimizer, cosine_schedule, scaled_lr
+from .recipe import Recipe
+from .registry import get_method
+
+log = logging.getLogger("sslhub.train")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: bool = True):
+        self.recipe, self.out, self.resume = recipe, Path(out_dir), resume
+        self.progress = progress
+        tc = recipe.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.device = pick_device(tc.device)
+        D.init_from_env(self.device)
+        self.rank, self.world = D.rank(), D.world_size()
+        self.ckpt_path = self.out / "checkpoints" / "last.safetensors"
+        if D.is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1))
+
+    # ------------------------------------------------------------------ setup
+    def _data(self) -> DecodedImages:
+        dc, enc = self.recipe.data, self.recipe.encoder
+        source = open_source(dc.train, dc.split)
+        return decode_all(source, enc.image_size, num_workers=dc.num_workers,
+                          progress=self.progress and D.is_main(), desc="decoding train")
+
+    def _model(self) -> Method:
+        torch.manual_seed(self.recipe.seed)
+        backbone = Backbone(self.recipe.encoder)
+        method = get_method(self.recipe.method)(backbone, self.recipe.method_args)
+        if self.world > 1:
+            D.convert_batchnorm(method)  # global BN: statistics of the whole batch, as one process
+        method.to(self.device)
+        if self.recipe.train.channels_last:
+            method.to(memory_format=torch.channels_last)
+            backbone.channels_last = True
+        D.broadcast_module(method)
+        return method
+
+    def _autocast(self):
+        if self.recipe.train.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, Any]:
+        r, tc = self.recipe, self.recipe.train
+        data = self._data()
+        plan = BatchPlan(len(data), r.data.batch_size, r.seed, self.rank, self.world)
+        total = tc.max_steps if tc.max_steps is not None else max(1, int(tc.epochs * plan.steps_per_epoch))
+        method = self._model()
+        groups = method.optim_groups()
+        lr = scaled_lr(r.optim, r.data.batch_size * tc.accumulate)
+        optimizers = {k: build_optimizer(ps, r.optim, lr) for k, ps in groups.items()}
+        warmup = int(r.optim.warmup_epochs * plan.steps_per_epoch)
+        lrs = cosine_schedule(lr, lr * r.optim.min_lr_ratio, total, warmup)
+        start, elapsed = 0, 0.0
+        if D.is_main() and self.ckpt_path.parent.is_dir():  # temp files of a write that was cut short
+            for stale in self.ckpt_path.parent.glob(f".{self.ckpt_path.name}.*.tmp"):
+                stale.unlink()
+        if self.resume and self.ckpt_path.is_file():
+            state = load_state(self.ckpt_path)
+            method.load_state_dict(state["model"])
+            for k, opt in optimizers.items():
+                opt.load_state_dict(state["optim"][k])
+            start, elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
+            log.info("resumed from %s at step %d/%d", self.ckpt_path, start, total)
+        elif self.resume:
+            log.info("--resume: no checkpoint at %s, starting from scratch", self.ckpt_path)
+        metrics_log = MetricsLog(self.out, start, enabled=D.is_main())
+        params = [p for p in method.parameters() if p.requires_grad]
+        micro = r.data.batch_size // self.world
+        if micro % tc.accumulate:
+            raise ValueError(f"per-process batch {micro} is not divisible by train.accumulate={tc.accumulate}")
+        bar = tqdm(total=total, initial=start, desc=f"{r.method}", unit="step",
+                   disable=not (self.progress and D.is_main()), dynamic_ncols=True)
+        method.train()
+        t_last, n_since = time.perf_counter(), 0
+        for step in range(start, total):
+            for opt in optimizers.values():
+                for g in opt.param_groups:
+                    g["lr"] = float(lrs[step])
+            seed = step_seed(r.seed, step, self.rank)
+            torch.manual_seed(seed)
+            rng = torch.Generator(device="cpu").manual_seed(seed)
+            idx = plan.indices(step)
+            images, labels = data.images[idx], data.labels[idx]
+            out_sum: dict[str, float] = {}
+            for chunk in range(tc.accumulate):
+                sl = slice(chunk * micro // tc.accumulate, (chunk + 1) * micro // tc.accumulate)
+                batch = Batch(images[sl].to(self.device), labels[sl].to(self.device), rng=rng, step=step)
+                with self._autocast():
+                    out = method.loss(batch)
+                loss = out["loss"]
+                if not math.isfinite(loss.item()):
+                    bar.close()
+                    raise NonFiniteLoss(
+                        f"loss is {loss.item()} at step {step}: training stopped. The last good checkpoint is "
+                        f"{self.ckpt_path if self.ckpt_path.exists() else 'not written yet'}; lower optim.lr or "
+                        f"use train.precision=fp32, then run again with --resume")
+                self._backward(out, groups, tc.accumulate)
+                for k, v in out.items():
+                    out_sum[k] = out_sum.get(k, 0.0) + float(v.detach()) / tc.accumulate
+            D.average_gradients(params)
+            if r.optim.clip_grad:
+                nn.utils.clip_grad_norm_(params, r.optim.clip_grad)
+            for opt in optimizers.values():
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            method.on_step_end(step, total)
+            n_since += r.data.batch_size
+            done = step + 1
+            if done % tc.log_every == 0 or done == total:
+                now = time.perf_counter()
+                elapsed += now - t_last
+                row = {"step": done, "epoch": done / plan.steps_per_epoch, "lr": float(lrs[step]), **out_sum,
+                       "img_per_s": n_since / max(now - t_last, 1e-9)}
+                metrics_log.write(row)
+                bar.set_postfix(loss=f"{out_sum['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
+                t_last, n_since = now, 0
+            bar.update(1)
+            if done % tc.ckpt_every == 0 or done == total:
+                self._save(method, optimizers, done, elapsed)
+        bar.close()
+        metrics_log.close()
+        return self._finish(method, data, total, elapsed)
+
+    def _backward(self, out: dict[str, torch.Tensor], groups: dict[str, list[nn.Parameter]], accumulate: int) -> None:
+        keys = list(groups)
+        if len(keys) == 1:
+            (out[keys[0]] / accumulate).backward()
+            return
+        for i, k in enumerate(keys):  # each loss only into its own optimiser's parameters
+            (out[k] / accumulate).backward(inputs=groups[k], retain_graph=i < len(keys) - 1)
+
+    def _save(self, method: Method, optimizers: dict, step: int, elapsed: float) -> None:
+        if not D.is_main():
+            return
+        state = {"model": method.state_dict(), "optim": {k: o.state_dict() for k, o in optimizers.items()},
+                 "step": step, "elapsed": elapsed, "recipe": json.dumps(self.recipe.to_dict())}
+        save_state(self.ckpt_path, state)
+
+    # ------------------------------------------------------------------ end
+    def _finish(self, method: Method, data: DecodedImages, total: int, elapsed: float) -> dict[str, Any]:
+        r = self.recipe
+        metrics: dict[str, Any] = {}
+        if D.is_main():
+            method.eval()
+            metrics = self.evaluate(method, data)
+            info = {"method": r.method, "paper": method.paper, "recipe": r.to_dict(), "recipe_file": r.source,
+                    "steps": total, "global_batch": r.data.batch_size * r.train.accumulate,
+                    "processes": self.world, "train_data": r.data.train, "train_images": len(data),
+                    "train_seconds": round(elapsed, 1), "eval": metrics}
+            export = export_encoder(method.backbone, self.out / "export", info)
+            (self.out / "metrics.json").write_text(json.dumps({"steps": total, **metrics}, indent=1))
+            metrics = {"export": str(export), "steps": total, **metrics}
+        D.barrier()
+        return metrics
+
+    def evaluate(self, method: Method, data: DecodedImages) -> dict[str, Any]:
+        r, enc = self.recipe, self.recipe.encoder
+        kc, results = r.eval.knn, {}
+        test = None
+        if kc.test:
+            test = decode_all(open_source(kc.test, kc.test_split), enc.image_size, r.data.num_workers,
+                              progress=self.progress, desc="decoding test")
+            same_bank = kc.train in ("", r.data.train) and kc.train_split == r.data.split
+            bank = data if same_bank else decode_all(open_source(kc.train, kc.train_split), enc.image_size,
+                                                     r.data.num_workers, progress=self.progress, desc="decoding bank")
+            results["knn"] = knn_eval(method.backbone, bank, test, ks=kc.k, temperature=kc.temperature,
+                                      progress=self.progress, device=self.device)
+            results["knn"]["bank"] = kc.train or r.data.train
+            results["knn"]["test"] = kc.test
+        if r.eval.pretext and test is not None:
+            with self._autocast():
+                pretext = method.evaluate(test.images, test.labels)
+            if pretext:
+                results["pretext"] = pretext
+        return results
+
+
+class MetricsLog:
+    """metrics.csv (+ TensorBoard when installed).  On resume, rows past the checkpoint are dropped."""
+
+    def __init__(self, out: Path, start: int, enabled: bool = True):
+        self.enabled = enabled
+        self.path = out / "metrics.csv"
+        self.rows: list[dict] = []
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            with open(self.path) as f:
+                self.rows = [row for row in csv.DictReader(f) if int(float(row["step"])) <= start]
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start or None)
+        except ImportError:  # tensorboard is an optional extra
+            self.tb = None
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, keys)
+            w.writeheader()
+            w.writerows(self.rows)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(f"train/{k}", float(v), int(row["step"]))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train ``recipe``; returns the evaluation metrics and the export folder (on rank 0)."""
+    return Trainer(recipe, out_dir, resume, progress).fit()
+
+
+__all__ = ["Trainer", "train", "NonFiniteLoss", "to_dict"]

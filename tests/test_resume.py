@@ -1,0 +1,101 @@
+"""SIGKILL mid-run + --resume ends with the weights of an uninterrupted run; a crash mid-write loses nothing."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, TINY
+from sslhub.checkpoint import load_state
+
+ARGS = [str(REPO / "recipes/simclr_cifar10.yaml"), *sum((["--set", s] for s in TINY), []),
+        "--set", "train.max_steps=10", "--set", "train.ckpt_every=1", "--set", "optim.warmup_epochs=0.5",
+        "--set", "eval.knn.test=", "--no-progress"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
+
+
+def train(out, *extra, **kw):
+    return subprocess.run([sys.executable, "-m", "sslhub", "train", *ARGS, "--out", str(out), *extra],
+                          env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300, **kw)
+
+
+def weights(run):
+    return load_file(run / "export" / "model.safetensors")
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+    ref = train(tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "sslhub", "train", *ARGS, "--out", str(run)], env=ENV, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = run / "checkpoints" / "last.safetensors"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if ckpt.exists():
+            try:
+                if load_state(ckpt)["step"] >= 4:
+                    break
+            except Exception:
+                pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_state(ckpt)["step"]
+    assert 4 <= killed_at < 10, "the run should have been killed mid-way"
+    assert not (run / "export").exists()
+    res = train(run, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert f"resumed from {ckpt} at step {killed_at}/10" in res.stderr
+    assert_same(weights(run), weights(tmp_path / "ref"))
+    steps = [int(line.split(",")[0]) for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, 11)), "metrics.csv keeps one row per step across the restart"
+
+
+def test_crash_during_checkpoint_write_keeps_previous(tmp_path):
+    run = tmp_path / "run"
+    # Die (SIGKILL, no clean-up) half-way through writing the 3rd checkpoint.
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        import safetensors.torch as st
+        import sslhub.checkpoint as ck
+        real, calls = st.save_file, []
+        def dying_save(tensors, path, metadata=None):
+            calls.append(path)
+            if len(calls) == 3:
+                with open(path, "wb") as f:
+                    f.write(b"partial")
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(tensors, path, metadata=metadata)
+        ck.save_file = dying_save
+        from sslhub.cli import main
+        sys.exit(main(["train", *{ARGS!r}, "--out", {str(run)!r}]))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], env=ENV, cwd=REPO, capture_output=True, timeout=300)
+    assert res.returncode == -signal.SIGKILL
+    state = load_state(run / "checkpoints" / "last.safetensors")
+    assert state["step"] == 2, "the last complete checkpoint survives"
+    res = train(run, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert "at step 2/10" in res.stderr
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.safetensors"], "half-written file removed"
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    ck = tmp_path / "run" / "checkpoints"
+    ck.mkdir(parents=True)
+    (ck / "last.safetensors").write_bytes(b"\x00garbage")
+    res = train(tmp_path / "run", "--resume")
+    assert res.returncode == 2
+    assert "last.safetensors: not a readable sslhub checkpoint" in res.stderr
