@@ -360,8 +360,8 @@ def solarize(x: Tensor, threshold: float = 0.5, p: float = 0.0,
 class ViewConfig:
     """One augmented view; defaults are SimCLR's CIFAR-10 settings (no blur on 32x32 images)."""
     size: int = 32
-    scale: tuple = (0.08, 1.0)
-    ratio: tuple = (3 / 4, 4 / 3)
+    scale: tuple[float, float] = (0.08, 1.0)  # crop area fraction range
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect-ratio range
     hflip_p: float = 0.5
     jitter_p: float = 0.8
     brightness: float = 0.4
@@ -371,10 +371,11 @@ class ViewConfig:
     gray_p: float = 0.2
     blur_p: float = 0.0
     blur_kernel_frac: float = 0.1  # kernel = 10% of the image side, as SimCLR
-    blur_sigma: tuple = (0.1, 2.0)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.0
-    mean: tuple = (0.4914, 0.4822, 0.4465)
-    std: tuple = (0.2470, 0.2435, 0.2616)
+    # Methods replace mean/std by the encoder's own (Method.view_pipeline), so train and serve agree.
+    mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+    std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
 
     @property
     def blur_kernel_size(self) -> int:

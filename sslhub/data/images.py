@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,8 @@ def open_image(src: bytes | str, name: str = "image") -> Image.Image:
                 raise BadImage(f"{name}: empty file (0 bytes)")
             img = Image.open(io.BytesIO(src))
         else:
+            if os.path.getsize(src) == 0:
+                raise BadImage(f"{name}: empty file (0 bytes)")
             img = Image.open(src)
         img.load()
         return to_rgb(img)
