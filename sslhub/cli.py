@@ -51,6 +51,16 @@ def _methods(args: argparse.Namespace) -> dict:
     return {"methods": methods}
 
 
+def _cards(args: argparse.Namespace) -> dict:
+    from pathlib import Path
+
+    from .card import card_index
+
+    text = card_index(args.exports, " ".join(["--out", args.out, *args.exports]))
+    Path(args.out).write_text(text)
+    return {"written": args.out, "checkpoints": len(args.exports)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sslhub", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"sslhub {__version__}")
@@ -81,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--temperature", type=float, default=0.07)
     k.add_argument("--workers", type=int, default=2)
     k.set_defaults(func=_eval_knn)
+
+    c = sub.add_parser("cards", help="write MODEL_CARDS.md: the card template and an index of exports",
+                       description="Example: sslhub cards --out MODEL_CARDS.md runs/*/export")
+    c.add_argument("exports", nargs="*", help="export folders to index")
+    c.add_argument("--out", default="MODEL_CARDS.md")
+    c.set_defaults(func=_cards)
 
     m = sub.add_parser("methods", help="list the registered methods")
     m.set_defaults(func=_methods)

@@ -33,8 +33,7 @@ class DataConfig:
     train: str = ""  # shards folder / brace pattern / ImageFolder tree / flat folder of images
     split: str = "train"  # split to read from a folder with a dataset.json
     batch_size: int = 256  # global batch size (split across processes)
-    num_workers: int = 2  # decoding workers
-    cache: bool = True  # decode once into memory (uint8) before training
+    num_workers: int = 2  # decoding workers (images are decoded once, into memory, before training)
 
 
 @dataclass

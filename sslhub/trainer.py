@@ -29,6 +29,7 @@ from .encoder import Backbone
 from .eval.knn import knn_eval
 from .export import export_encoder
 from .methods.base import Batch, Method
+from .plots import plot_curves
 from .optim import build_optimizer, cosine_schedule, scaled_lr
 from .recipe import Recipe
 from .registry import get_method
@@ -171,6 +172,8 @@ class Trainer:
                 self._save(method, optimizers, done, elapsed)
         bar.close()
         metrics_log.close()
+        if D.is_main() and metrics_log.rows:
+            plot_curves(metrics_log.path)
         return self._finish(method, data, total, elapsed)
 
     def _backward(self, out: dict[str, torch.Tensor], groups: dict[str, list[nn.Parameter]], accumulate: int) -> None:

@@ -27,6 +27,7 @@ def test_train_evaluate_export_load(tmp_path):
     assert "library_name: sslhub" in card and str(res["knn"]["top1@k=20"]) in card
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("step,epoch,lr,loss") and len(rows) == 4
+    assert (tmp_path / "run" / "training_curves.png").stat().st_size > 5000
 
     enc = load_encoder(export)
     assert enc.dim == 128 and enc.image_size == 32 and not enc.has_text
