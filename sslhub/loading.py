@@ -1,32 +1,58 @@
 """``load_encoder(name)``: one loader, one interface, whatever made the weights.
 
     encoder = load_encoder("runs/simclr/export")        # an sslhub export (or "local-dir:PATH")
+    encoder = load_encoder("hf-hub:timm/vit_small_patch14_dinov2.lvd142m")
+    encoder = load_encoder("open_clip:ViT-B-32/laion2b_s34b_b79k")
     x = encoder.preprocess(pil_image)                   # (3, S, S) the weights' own preprocessing
     feats = encoder.embed_images(["a.jpg", pil, ...])   # (N, encoder.dim)
+    text = encoder.embed_text(["a photo of a dog"])     # (N, encoder.dim) where encoder.has_text
 
-Weights are read from safetensors only.
+Accepted names (``ACCEPTED_FORMS``): a folder (``PATH`` or ``local-dir:PATH``) in any of four layouts —
+an sslhub export, timm's Hub layout, open_clip's Hub layout, a transformers ``save_pretrained`` folder —
+recognised from its files; ``hf-hub:ORG/NAME[@REVISION]`` (the same layouts, fetched);
+``timm:MODEL[.TAG]`` and ``open_clip:ARCH/TAG`` (the libraries' own pretrained weights).
+Weights are read from safetensors only: pickle checkpoints are refused (unpickling runs code).
+
+One small ``Encoder`` subclass per family (``sslhub.loaders``) supplies the forward passes; the base
+class here owns batching, image decoding, text ordering and normalisation.
 """
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
-from typing import Iterable, Sequence, Union
+from typing import Callable, Iterable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from .config import from_dict
-from .data.augment import eval_transform
+from .data.augment import eval_transform, normalize, to_float
 from .data.images import BadImage, open_image
 from .encoder import Backbone  # also registers the CIFAR-stem variants with timm
 from .recipe import EncoderConfig
 
 ImageLike = Union[str, Path, Image.Image]
+
+ACCEPTED_FORMS = """accepted forms:
+  PATH or local-dir:PATH       a folder: an sslhub export; timm's Hub layout (config.json with
+                               "architecture" + model.safetensors); open_clip's (open_clip_config.json +
+                               open_clip_model.safetensors); transformers save_pretrained (config.json with
+                               model_type clip, siglip, dinov2, vit or vit_mae + model.safetensors)
+  hf-hub:ORG/NAME[@REVISION]   one of those layouts on the Hugging Face Hub
+  timm:MODEL[.TAG]             timm's own pretrained weights, e.g. timm:resnet50.a1_in1k
+  open_clip:ARCH/TAG           open_clip's own pretrained weights, e.g. open_clip:ViT-B-32/laion2b_s34b_b79k"""
+
+_PREFIX = re.compile(r"^([A-Za-z][\w-]*):(.*)$", re.S)  # "timm:resnet18" → ("timm", "resnet18")
+PREFIXES = ("local-dir", "hf-hub", "timm", "open_clip")
 
 
 class LoadError(ValueError):
@@ -34,35 +60,46 @@ class LoadError(ValueError):
 
 
 class Encoder:
-    """What ``load_encoder`` returns: an image model with its preprocessing.
+    """What ``load_encoder`` returns: an image model (and maybe a text tower) with its preprocessing.
 
-    ``embed_images`` takes PIL images, file paths, or a tensor — uint8 ``(N, 3, H, W)`` is resized and
-    normalised here, float ``(N, 3, S, S)`` is taken as already preprocessed.
+    ``embed_images`` takes PIL images, file paths, or a tensor — uint8 ``(N, 3, H, W)`` is resized,
+    cropped (``crop_pct``) and normalised here, float ``(N, 3, S, S)`` is taken as already preprocessed.
+    Subclasses set ``kind`` and implement ``_forward_images`` (and ``_forward_text`` with a text tower).
     """
 
+    kind = "generic"
     has_text = False
     tokenizer = None
+    logit_scale: float | None = None  # CLIP-like models: exp of the learned temperature
+    logit_bias: float | None = None  # SigLIP-like models only
+    no_text_reason: str | None = None  # why a model with a text tower cannot embed text here
 
-    def __init__(self, model: nn.Module, dim: int, image_size: int, mean, std, config: dict | None = None,
-                 name: str = ""):
+    def __init__(self, model: nn.Module, dim: int, image_size: int | tuple[int, int], mean, std,
+                 config: dict | None = None, name: str = "", preprocess: Callable | None = None,
+                 interpolation: str = "bilinear", crop_pct: float = 1.0):
         self.model = model.eval()
-        self.dim, self.image_size = dim, image_size
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.dim = int(dim)
+        h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.image_size = h if h == w else (h, w)
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.interpolation, self.crop_pct = interpolation, float(crop_pct)
         self.config = config or {}
         self.name = name
         self.device = torch.device("cpu")
-        self.preprocess = T.Compose([
-            T.PILToTensor(), T.Resize(image_size, antialias=True), T.CenterCrop(image_size),
+        self.preprocess = preprocess or T.Compose([
+            T.PILToTensor(), T.Resize(min(h, w), antialias=True), T.CenterCrop((h, w)),
             T.ToDtype(torch.float32, scale=True), T.Normalize(self.mean, self.std)])
 
     def __repr__(self) -> str:
-        return f"Encoder({self.name!r}, dim={self.dim}, image_size={self.image_size}, has_text={self.has_text})"
+        return (f"{type(self).__name__}({self.name!r}, kind={self.kind!r}, dim={self.dim}, "
+                f"image_size={self.image_size}, has_text={self.has_text})")
 
     def to(self, device: str | torch.device) -> "Encoder":
         self.device = torch.device(device)
         self.model.to(self.device)
         return self
 
+    # ------------------------------------------------------------------ images
     def _load(self, item: ImageLike) -> torch.Tensor:
         if isinstance(item, Image.Image):
             from .data.images import to_rgb
@@ -75,6 +112,15 @@ class Encoder:
                 raise BadImage(f"cannot embed {e}") from None
         raise TypeError(f"expected a PIL image, a path or a tensor, got {type(item).__name__}")
 
+    def _tensor_preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, 3, H, W)`` → ``(B, 3, S, S)`` normalised, as close to ``preprocess`` as tensors allow."""
+        if self.crop_pct == 1.0:
+            return eval_transform(x, self.image_size, self.mean, self.std)
+        h, w = (self.image_size,) * 2 if isinstance(self.image_size, int) else self.image_size
+        mode = InterpolationMode(self.interpolation if self.interpolation in ("bicubic", "nearest") else "bilinear")
+        x = TF.resize(to_float(x), math.floor(min(h, w) / self.crop_pct), interpolation=mode, antialias=True)
+        return normalize(TF.center_crop(x, [h, w]), self.mean, self.std)
+
     def _as_batches(self, images, batch_size: int) -> Iterable[torch.Tensor]:
         if isinstance(images, torch.Tensor):
             if images.dim() == 3:
@@ -82,7 +128,7 @@ class Encoder:
             for i in range(0, images.shape[0], batch_size):
                 x = images[i : i + batch_size]
                 if x.dtype == torch.uint8:
-                    x = eval_transform(x, self.image_size, self.mean, self.std)
+                    x = self._tensor_preprocess(x)
                 yield x
             return
         if isinstance(images, (str, Path, Image.Image)):
@@ -109,22 +155,52 @@ class Encoder:
         return torch.cat(out)
 
     def _forward_images(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return self.model(x)  # (B, dim)
 
-    def embed_text(self, texts: Sequence[str], **kwargs) -> torch.Tensor:
-        raise TypeError(f"{self.name or 'this encoder'} has no text tower: embed_text needs an image–text "
-                        "model (CLIP, SigLIP, an sslhub CLIP export)")
+    # ------------------------------------------------------------------ text
+    @torch.no_grad()
+    def embed_text(self, texts: Sequence[str] | str, batch_size: int = 256, normalize: bool = False) -> torch.Tensor:
+        """``(N, dim)`` float32 text features on CPU, in the order given.
+
+        Texts are batched by length (shortest first) so a batch pads to similar lengths; towers that
+        support it (open_clip's CLIP) then run only up to the batch's longest sequence.
+        """
+        if not self.has_text:
+            why = self.no_text_reason or ("has no text tower: embed_text needs an image–text model (CLIP, SigLIP: "
+                                          "an open_clip or transformers folder, open_clip:ARCH/TAG)")
+            raise TypeError(f"{self.name or 'this encoder'} ({self.kind}) {why}")
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+        if bad:
+            raise TypeError(f"embed_text takes strings, got {bad[0]}")
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.empty(len(texts), self.dim)
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            out[idx] = self._forward_text([texts[j] for j in idx]).float().cpu()  # (b, dim)
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def _forward_text(self, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
 
 
-def _read_json(path: Path) -> dict:
+class SslhubEncoder(Encoder):
+    """An ``sslhub train`` export: a timm backbone with sslhub's encoder config."""
+
+    kind = "sslhub"
+
+
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except ValueError as e:
         raise LoadError(f"{path}: not valid JSON ({e})") from None
 
 
-def _load_sslhub_folder(folder: Path) -> Encoder:
-    config = _read_json(folder / "config.json")
+def load_sslhub_folder(folder: Path) -> Encoder:
+    config = read_json(folder / "config.json")
     s = config["sslhub"]
     enc_cfg = from_dict(EncoderConfig, s["encoder"], where=str(folder / "config.json"), prefix="sslhub.encoder.")
     backbone = Backbone(enc_cfg)
@@ -139,17 +215,44 @@ def _load_sslhub_folder(folder: Path) -> Encoder:
     if missing or unexpected:
         raise LoadError(f"{weights}: weights do not fit {backbone.arch} "
                         f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
-    return Encoder(backbone, backbone.dim, enc_cfg.image_size, enc_cfg.mean, enc_cfg.std, config, name=str(folder))
+    return SslhubEncoder(backbone, backbone.dim, enc_cfg.image_size, enc_cfg.mean, enc_cfg.std, config,
+                         name=str(folder))
 
 
-def load_encoder(name: str | Path, device: str | torch.device = "cpu") -> Encoder:
-    """Load an encoder from an sslhub export folder (``PATH`` or ``local-dir:PATH``)."""
+def load_encoder(name: str | Path, device: str | torch.device = "cpu", *, pretrained: bool = True) -> Encoder:
+    """Load any supported model as an :class:`Encoder` (see ``ACCEPTED_FORMS``).
+
+    ``pretrained=False`` is for ``timm:`` and ``open_clip:`` names only: the architecture with random
+    weights (no download).
+    """
+    from .loaders import layout  # the family loaders import timm/open_clip/transformers only when used
+
     text = str(name)
-    path = Path(text[len("local-dir:"):] if text.startswith("local-dir:") else text)
-    if path.is_dir():
-        if (path / "config.json").is_file() and "sslhub" in _read_json(path / "config.json"):
-            return _load_sslhub_folder(path).to(device)
-        raise LoadError(f"{path} is a folder but not a model: expected config.json with an 'sslhub' section "
-                        "and model.safetensors (what `sslhub train` exports)")
-    raise LoadError(f"cannot load {text!r}: no such folder. Give the folder an `sslhub train` run exported "
-                    "(its last output line names it), e.g. load_encoder('runs/simclr/export')")
+    match = None if isinstance(name, Path) else _PREFIX.match(text)
+    prefix, rest = (match.group(1), match.group(2)) if match else (None, text)
+    if not pretrained and prefix not in ("timm", "open_clip"):
+        raise LoadError(f"{text!r}: pretrained=False only applies to timm:NAME and open_clip:ARCH "
+                        "(an architecture without weights); a folder or hf-hub: repo is loaded with its weights")
+    if prefix == "local-dir" or prefix is None or (prefix not in PREFIXES and Path(text).exists()):
+        path = Path(rest if prefix == "local-dir" else text)
+        if not path.exists():
+            raise LoadError(f"cannot load {text!r}: no such folder. Give the folder an `sslhub train` run "
+                            "exported (its last output line names it), e.g. load_encoder('runs/simclr/export'), "
+                            f"or another source.\n{ACCEPTED_FORMS}")
+        if not path.is_dir():
+            raise LoadError(f"cannot load {text!r}: a file, not a folder. Give the folder that holds it "
+                            f"(config.json + model.safetensors …).\n{ACCEPTED_FORMS}")
+        return layout.load_folder(path, text).to(device)
+    if prefix == "hf-hub":
+        from .loaders import hub
+
+        return layout.load_folder(hub.fetch_snapshot(rest, text), text).to(device)
+    if prefix == "timm":
+        from .loaders.timm_encoder import load_timm_name
+
+        return load_timm_name(rest, text, pretrained).to(device)
+    if prefix == "open_clip":
+        from .loaders.open_clip_encoder import load_open_clip_name
+
+        return load_open_clip_name(rest, text, pretrained).to(device)
+    raise LoadError(f"cannot load {text!r}: unknown prefix {prefix + ':'!r} and no such path.\n{ACCEPTED_FORMS}")

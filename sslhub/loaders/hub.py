@@ -1,0 +1,131 @@
+"""Weights from the network: ``hf-hub:`` snapshots, and clear, fast errors when there is no network.
+
+huggingface_hub retries an unreachable host with back-off (about 45 s before it gives up), so before a
+download we probe the endpoint once (``PROBE_TIMEOUT_S``); when it cannot be reached the library is put
+in offline mode for that call: weights already in the cache still load, anything else fails at once.
+Every failure becomes a :class:`LoadError` that says how to load a local folder instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+from ..loading import LoadError
+from .layout import PICKLE_SUFFIXES, pickle_error
+
+PROBE_TIMEOUT_S = 5.0
+ETAG_TIMEOUT_S = 10.0  # per metadata request, passed to huggingface_hub explicitly
+# What a snapshot fetches: configs, safetensors weights, tokenizer files and the card — never pickles.
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "README.md",
+                  "tokenizer*", "vocab*", "merges*", "spiece*"]
+
+
+def parse_hub_id(spec: str, name: str = "") -> tuple[str, str | None]:
+    """``"ORG/NAME@REV"`` → ``("ORG/NAME", "REV")``; ``"ORG/NAME"`` → ``("ORG/NAME", None)``."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    what = name or f"hf-hub:{spec}"
+    repo, at, revision = spec.strip().partition("@")
+    parts = repo.split("/")
+    if len(parts) != 2 or not all(parts) or (at and not revision):
+        raise LoadError(f"{what}: expected hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION "
+                        "(a branch, tag or commit), e.g. hf-hub:timm/resnet50.a1_in1k@main")
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        raise LoadError(f"{what}: {repo!r} is not a valid Hub repo id ({e})") from None
+    return repo, revision or None
+
+
+def _reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True  # the server answered
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def network_guard() -> Iterator[dict]:
+    """Run a download with huggingface_hub in offline mode if its endpoint cannot be reached.
+
+    Yields ``{"unreachable": ENDPOINT or None}`` for the error message. Not thread-safe: the offline
+    flag is a module global of huggingface_hub, restored on exit.
+    """
+    from huggingface_hub import constants
+
+    state = {"unreachable": None}
+    if constants.is_offline_mode() or _reachable(constants.ENDPOINT):
+        yield state
+        return
+    saved, state["unreachable"] = constants.HF_HUB_OFFLINE, constants.ENDPOINT
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield state
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def is_network_error(e: BaseException) -> bool:
+    """An error (or one it was raised from) that means the weights could not be fetched."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (OSError, EntryNotFoundError)) or type(e).__module__.startswith(("httpx", "requests")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def download_error(name: str, e: BaseException, net: dict | None = None) -> LoadError:
+    if net and net.get("unreachable"):
+        detail = f"no network: {net['unreachable']} could not be reached, and they are not in the local cache"
+    else:
+        detail = f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:300]
+    return LoadError(
+        f"{name}: the weights could not be downloaded ({detail}). Without internet, load a "
+        "local folder instead: on a machine with access, fetch or save the model (`hf download ORG/NAME "
+        "--local-dir DIR`; timm.models.save_for_hf(model, DIR, safe_serialization=True); "
+        "model.save_pretrained(DIR)), copy DIR here, and call load_encoder('DIR') or load_encoder('local-dir:DIR'). "
+        "Weights already in the Hugging Face cache load with HF_HUB_OFFLINE=1.")
+
+
+def fetch_snapshot(spec: str, name: str) -> Path:
+    """Download (or find in the cache) the files of ``hf-hub:ORG/NAME[@REV]`` that a loader may read."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    repo, revision = parse_hub_id(spec, name)
+    net = None
+    try:
+        with network_guard() as net:
+            if not constants.is_offline_mode():
+                info = HfApi().model_info(repo, revision=revision, timeout=ETAG_TIMEOUT_S)
+                files = [s.rfilename for s in info.siblings or []]
+                pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+                if pickles and not any(f.endswith(".safetensors") for f in files):
+                    raise pickle_error(name, pickles, "model.safetensors")
+                revision = info.sha or revision
+            path = snapshot_download(repo, revision=revision, allow_patterns=ALLOW_PATTERNS,
+                                     etag_timeout=ETAG_TIMEOUT_S)
+    except LoadError:
+        raise
+    except RevisionNotFoundError:
+        raise LoadError(f"{name}: the repo {repo} has no revision {revision!r} "
+                        "(give a branch, tag or commit)") from None
+    except RepositoryNotFoundError:
+        raise LoadError(f"{name}: no model repo {repo} on {constants.ENDPOINT} (or it is private/gated: "
+                        "log in with `hf auth login`)") from None
+    except Exception as e:
+        if is_network_error(e):
+            raise download_error(name, e, net) from e
+        raise
+    return Path(path)
