@@ -195,7 +195,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run (after one warm-up step)")
     ap.add_argument("--workers", type=int, default=2, help="lightly DataLoader workers")
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--cases", nargs="+", default=["fp32", "fp32-cl", "bf16-cl"],
+                    help="precision, '-cl' = channels-last")
     args = ap.parse_args()
     torch.set_num_threads(2)
     src = open_source(args.data if Path(args.data).exists() else REPO / "data/cifar10-sample", "train")
@@ -209,7 +210,7 @@ def main() -> None:
                           f"torch {torch.__version__}", "matmul_peak_gflops": round(peak, 1),
                "step_gflop_per_image": round(flops / 1e9, 3), "batch": BATCH, "runs": args.runs,
                "steps": args.steps, "data": str(src.spec), "rows": []}
-    cases = [(p, cl) for p in args.precisions for cl in (False, True)]
+    cases = [(c.split("-")[0], c.endswith("-cl")) for c in args.cases]
     for precision, cl in cases:
         ours, theirs = [], []
         for run in range(args.runs):

@@ -29,17 +29,24 @@ def _train(args: argparse.Namespace) -> dict:
 
 
 def _eval_knn(args: argparse.Namespace) -> dict:
-    from .data.images import decode_all
-    from .data.sources import open_source
     from .eval.knn import knn_eval
     from .loading import load_encoder
 
     enc = load_encoder(args.model)
-    size = enc.image_size
-    bank = decode_all(open_source(args.train, args.train_split), size, args.workers, desc="decoding bank")
-    test = decode_all(open_source(args.test, args.test_split), size, args.workers, desc="decoding test")
-    res = knn_eval(enc.model, bank, test, ks=tuple(args.k), temperature=args.temperature, progress=True)
+    bank, test = _labelled(enc, args)
+    fb, fq = (enc.embed_images(d.images, batch_size=256, normalize=True, progress=True) for d in (bank, test))
+    res = knn_eval(fb, bank.labels, fq, test.labels, ks=tuple(args.k), temperature=args.temperature)
     return {"model": args.model, "bank": args.train, "test": args.test, "knn": res}
+
+
+def _labelled(enc, args):
+    """The --train / --test data decoded at the size the encoder's preprocessing resizes from."""
+    from .data.images import decode_all
+    from .data.sources import open_source
+
+    size = int(enc.image_size / getattr(enc, "crop_pct", 1.0))  # the encoder centre-crops from here
+    return tuple(decode_all(open_source(spec, split), size, args.workers, desc=f"decoding {what}")
+                 for what, spec, split in (("train", args.train, args.train_split), ("test", args.test, args.test_split)))
 
 
 def _methods(args: argparse.Namespace) -> dict:

@@ -26,7 +26,7 @@ from .config import to_dict
 from .data.images import BatchPlan, DecodedImages, decode_all
 from .data.sources import open_source
 from .encoder import Backbone
-from .eval.knn import knn_eval
+from .eval.knn import extract_features, knn_eval
 from .export import export_encoder
 from .methods.base import Batch, Method
 from .plots import plot_curves
@@ -218,8 +218,10 @@ class Trainer:
             same_bank = kc.train in ("", r.data.train) and kc.train_split == r.data.split
             bank = data if same_bank else decode_all(open_source(kc.train, kc.train_split), enc.image_size,
                                                      r.data.num_workers, progress=self.progress, desc="decoding bank")
-            results["knn"] = knn_eval(method.backbone, bank, test, ks=kc.k, temperature=kc.temperature,
-                                      progress=self.progress, device=self.device)
+            feats = [extract_features(method.backbone, d.images, device=self.device, progress=self.progress,
+                                      desc=f"k-NN {name}") for name, d in (("bank", bank), ("queries", test))]
+            results["knn"] = knn_eval(feats[0], bank.labels, feats[1], test.labels, ks=kc.k,
+                                      temperature=kc.temperature)
             results["knn"]["bank"] = kc.train or r.data.train
             results["knn"]["test"] = kc.test
         if r.eval.pretext and test is not None:

@@ -15,7 +15,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.augment import eval_transform
-from ..data.images import DecodedImages
 
 
 @torch.no_grad()
@@ -48,19 +47,17 @@ def weighted_knn(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.T
     return torch.cat(scores)
 
 
-def knn_eval(backbone: nn.Module, bank: DecodedImages, test: DecodedImages, ks=(20, 200), temperature: float = 0.07,
-             progress: bool = False, device: torch.device | str = "cpu") -> dict:
-    """Top-1 / top-5 accuracy (in %) of weighted k-NN for each k; bank and test must be labelled."""
-    for name, d in (("bank", bank), ("test", test)):
-        if (d.labels < 0).any():
+def knn_eval(bank_feats: torch.Tensor, bank_labels: torch.Tensor, test_feats: torch.Tensor,
+             test_labels: torch.Tensor, ks=(20, 200), temperature: float = 0.07) -> dict:
+    """Top-1 / top-5 accuracy (%) of weighted k-NN for each k, on L2-normalised features."""
+    for name, labels in (("bank", bank_labels), ("test", test_labels)):
+        if (labels < 0).any():
             raise ValueError(f"k-NN {name} data has unlabelled images: use shards with .cls files or an ImageFolder tree")
-    fb = extract_features(backbone, bank.images, device=device, progress=progress, desc="k-NN bank")
-    fq = extract_features(backbone, test.images, device=device, progress=progress, desc="k-NN queries")
-    num_classes = int(max(bank.labels.max(), test.labels.max())) + 1
-    out: dict = {"temperature": temperature, "bank_size": len(bank), "test_size": len(test)}
+    num_classes = int(max(bank_labels.max(), test_labels.max())) + 1
+    out: dict = {"temperature": temperature, "bank_size": len(bank_labels), "test_size": len(test_labels)}
     for k in ks:
-        scores = weighted_knn(fb, bank.labels, fq, k, temperature, num_classes)
+        scores = weighted_knn(bank_feats, bank_labels, test_feats, k, temperature, num_classes)
         top = scores.topk(min(5, num_classes), dim=1).indices
-        out[f"top1@k={k}"] = round(100.0 * (top[:, 0] == test.labels).float().mean().item(), 2)
-        out[f"top5@k={k}"] = round(100.0 * (top == test.labels[:, None]).any(1).float().mean().item(), 2)
+        out[f"top1@k={k}"] = round(100.0 * (top[:, 0] == test_labels).float().mean().item(), 2)
+        out[f"top5@k={k}"] = round(100.0 * (top == test_labels[:, None]).any(1).float().mean().item(), 2)
     return out
