@@ -18,6 +18,7 @@ class here owns batching, image decoding, text ordering and normalisation.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -73,6 +74,7 @@ class Encoder:
     logit_scale: float | None = None  # CLIP-like models: exp of the learned temperature
     logit_bias: float | None = None  # SigLIP-like models only
     no_text_reason: str | None = None  # why a model with a text tower cannot embed text here
+    fingerprint: str | None = None  # identifies the weights (set by load_encoder); None = do not cache
 
     def __init__(self, model: nn.Module, dim: int, image_size: int | tuple[int, int], mean, std,
                  config: dict | None = None, name: str = "", preprocess: Callable | None = None,
@@ -159,7 +161,8 @@ class Encoder:
 
     # ------------------------------------------------------------------ text
     @torch.no_grad()
-    def embed_text(self, texts: Sequence[str] | str, batch_size: int = 256, normalize: bool = False) -> torch.Tensor:
+    def embed_text(self, texts: Sequence[str] | str, batch_size: int = 256, normalize: bool = False,
+                   progress: bool | None = None) -> torch.Tensor:
         """``(N, dim)`` float32 text features on CPU, in the order given.
 
         Texts are batched by length (shortest first) so a batch pads to similar lengths; towers that
@@ -177,9 +180,12 @@ class Encoder:
             raise TypeError(f"embed_text takes strings, got {bad[0]}")
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = torch.empty(len(texts), self.dim)
-        for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size]
-            out[idx] = self._forward_text([texts[j] for j in idx]).float().cpu()  # (b, dim)
+        show = progress if progress is not None else len(texts) > 8 * batch_size
+        with tqdm(total=len(texts), desc="embedding texts", unit="text", disable=not show, leave=False) as bar:
+            for i in range(0, len(order), batch_size):
+                idx = order[i : i + batch_size]
+                out[idx] = self._forward_text([texts[j] for j in idx]).float().cpu()  # (b, dim)
+                bar.update(len(idx))
         return F.normalize(out, dim=-1) if normalize else out
 
     def _forward_text(self, texts: list[str]) -> torch.Tensor:
@@ -219,6 +225,23 @@ def load_sslhub_folder(folder: Path) -> Encoder:
                          name=str(folder))
 
 
+def _fingerprinted(enc: Encoder, folder: Path | None = None, name: str | None = None) -> Encoder:
+    """``enc.fingerprint``: identifies the weights (for caches such as zero-shot class matrices).
+
+    A folder: its resolved path plus the size and modification time of each weights file (a Hub
+    snapshot's path holds the commit).  A library name with pretrained weights: the name.  Random
+    weights: ``None`` (nothing is cached).
+    """
+    if folder is not None:
+        files = sorted(folder.resolve().glob("*.safetensors"))
+        stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        key = json.dumps([str(folder.resolve()), stats])
+    else:
+        key = name
+    enc.fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16] if key else None
+    return enc
+
+
 def load_encoder(name: str | Path, device: str | torch.device = "cpu", *, pretrained: bool = True) -> Encoder:
     """Load any supported model as an :class:`Encoder` (see ``ACCEPTED_FORMS``).
 
@@ -242,17 +265,20 @@ def load_encoder(name: str | Path, device: str | torch.device = "cpu", *, pretra
         if not path.is_dir():
             raise LoadError(f"cannot load {text!r}: a file, not a folder. Give the folder that holds it "
                             f"(config.json + model.safetensors …).\n{ACCEPTED_FORMS}")
-        return layout.load_folder(path, text).to(device)
+        return _fingerprinted(layout.load_folder(path, text), folder=path).to(device)
     if prefix == "hf-hub":
         from .loaders import hub
 
-        return layout.load_folder(hub.fetch_snapshot(rest, text), text).to(device)
+        snapshot = hub.fetch_snapshot(rest, text)
+        return _fingerprinted(layout.load_folder(snapshot, text), folder=snapshot).to(device)
     if prefix == "timm":
         from .loaders.timm_encoder import load_timm_name
 
-        return load_timm_name(rest, text, pretrained).to(device)
+        enc = load_timm_name(rest, text, pretrained)
+        return _fingerprinted(enc, name=text if pretrained else None).to(device)
     if prefix == "open_clip":
         from .loaders.open_clip_encoder import load_open_clip_name
 
-        return load_open_clip_name(rest, text, pretrained).to(device)
+        enc = load_open_clip_name(rest, text, pretrained)
+        return _fingerprinted(enc, name=text if pretrained else None).to(device)
     raise LoadError(f"cannot load {text!r}: unknown prefix {prefix + ':'!r} and no such path.\n{ACCEPTED_FORMS}")

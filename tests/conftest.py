@@ -54,3 +54,31 @@ def python() -> str:
 def tmp_run(tmp_path):
     yield tmp_path
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def open_clip_folder(tmp_path_factory):
+    """A tiny open_clip CLIP (registered architecture) saved in open_clip's Hub layout.
+
+    Returns (folder, model, preprocess, tokenizer) — the model as open_clip itself built it.
+    """
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 32,
+           "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+    cfg_dir = tmp_path_factory.mktemp("oc_cfg")
+    (cfg_dir / "sslhub-test-tiny-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(cfg_dir / "sslhub-test-tiny-clip.json")
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("sslhub-test-tiny-clip")
+    model.eval()
+    folder = tmp_path_factory.mktemp("open_clip")
+    pp = {"size": 32, "mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
+          "interpolation": "bicubic", "resize_mode": "shortest"}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": pp}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder, model, preprocess, open_clip.get_tokenizer("sslhub-test-tiny-clip")
