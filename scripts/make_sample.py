@@ -9,14 +9,16 @@ shards of ``<key>.jpg`` + ``<key>.cls`` and a ``dataset.json`` with class names 
 from __future__ import annotations
 
 import argparse
+import gzip
 import io
 import json
 import tarfile
 from collections import defaultdict
 from pathlib import Path
 
-# (source folder, sample name, {split: images per class})
-SAMPLES = [("cifar10", "cifar10-sample", {"train": 100, "test": 50})]
+# (source folder, sample name, {split: images per class, or in all for unlabelled image–text data})
+SAMPLES = [("cifar10", "cifar10-sample", {"train": 100, "test": 50}),
+           ("flickr8k", "flickr8k-sample", {"train": 200, "test": 100})]
 
 
 def _read_pairs(shard: Path):
@@ -37,7 +39,7 @@ def _read_pairs(shard: Path):
 
 
 def _write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    with tarfile.open(path, "w:gz") as tar:
+    with gzip.GzipFile(path, "wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tar:  # reproducible bytes
         for key, files in samples:
             for ext in sorted(files):
                 info = tarfile.TarInfo(f"{key}.{ext}")
@@ -62,15 +64,18 @@ def main() -> None:
             chosen = []
             for shard in meta["splits"][split]["shards"]:
                 for key, files in _read_pairs(src / shard):
-                    c = int(files["cls"])
+                    c = int(files["cls"]) if "cls" in files else 0  # image–text data: one bucket
                     if taken[c] < k:
                         taken[c] += 1
                         chosen.append((key, files))
             _write_shard(out / f"{split}-00000.tar.gz", chosen)
-            splits[split] = {"n": len(chosen), "shards": [f"{split}-00000.tar.gz"],
-                             "per_class": [taken[c] for c in range(len(meta["classes"]))]}
-        sample_meta = {"name": dst_name, "classes": meta["classes"], "splits": splits,
-                       "derived_from": {k: meta[k] for k in ("name", "source", "commit", "encoding", "license")}}
+            splits[split] = {"n": len(chosen), "shards": [f"{split}-00000.tar.gz"]}
+            if "classes" in meta:
+                splits[split]["per_class"] = [taken[c] for c in range(len(meta["classes"]))]
+        sample_meta = {"name": dst_name, **({"classes": meta["classes"]} if "classes" in meta else {}),
+                       "splits": splits,
+                       "derived_from": {k: meta[k] for k in ("name", "source", "commit", "encoding", "license")
+                                        if k in meta}}
         (out / "dataset.json").write_text(json.dumps(sample_meta, indent=1) + "\n")
         print(f"{out}: " + ", ".join(f"{s} {v['n']}" for s, v in splits.items()))
 

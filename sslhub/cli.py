@@ -6,6 +6,10 @@ Examples:
   torchrun --nproc_per_node=2 -m sslhub train recipes/simclr_cifar10.yaml     # 2 processes
   sslhub train recipes/simclr_cifar10.yaml --out runs/simclr --resume          # after a crash
   sslhub eval knn --model runs/simclr/export --train data/cifar10-sample --test data/cifar10-sample
+  sslhub eval linear --model runs/simclr/export --train DATA --test DATA --low-shot 0.01 0.1
+  sslhub eval zeroshot --model OPEN_CLIP_FOLDER --test ../shared/data/cifar10 --templates cifar
+  sslhub eval retrieval --model OPEN_CLIP_FOLDER --data ../shared/data/flickr8k --split test
+  sslhub index build --model M --data DATA --out runs/index && sslhub index search --index runs/index --text "a dog"
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import logging
 import sys
 
 from . import __version__
+from . import cli_commands as C
 
 
 def _train(args: argparse.Namespace) -> dict:
@@ -28,27 +33,6 @@ def _train(args: argparse.Namespace) -> dict:
     return train(recipe, out, resume=args.resume, progress=not args.no_progress)
 
 
-def _eval_knn(args: argparse.Namespace) -> dict:
-    from .eval.knn import knn_eval
-    from .loading import load_encoder
-
-    enc = load_encoder(args.model)
-    bank, test = _labelled(enc, args)
-    fb, fq = (enc.embed_images(d.images, batch_size=256, normalize=True, progress=True) for d in (bank, test))
-    res = knn_eval(fb, bank.labels, fq, test.labels, ks=tuple(args.k), temperature=args.temperature)
-    return {"model": args.model, "bank": args.train, "test": args.test, "knn": res}
-
-
-def _labelled(enc, args):
-    """The --train / --test data decoded at the size the encoder's preprocessing resizes from."""
-    from .data.images import decode_all
-    from .data.sources import open_source
-
-    size = int(enc.image_size / getattr(enc, "crop_pct", 1.0))  # the encoder centre-crops from here
-    return tuple(decode_all(open_source(spec, split), size, args.workers, desc=f"decoding {what}")
-                 for what, spec, split in (("train", args.train, args.train_split), ("test", args.test, args.test_split)))
-
-
 def _methods(args: argparse.Namespace) -> dict:
     from .registry import list_methods
 
@@ -58,14 +42,13 @@ def _methods(args: argparse.Namespace) -> dict:
     return {"methods": methods}
 
 
-def _cards(args: argparse.Namespace) -> dict:
-    from pathlib import Path
-
-    from .card import card_index
-
-    text = card_index(args.exports, " ".join(["--out", args.out, *args.exports]))
-    Path(args.out).write_text(text)
-    return {"written": args.out, "checkpoints": len(args.exports)}
+def _data_args(p: argparse.ArgumentParser, train: bool = True) -> None:
+    if train:
+        p.add_argument("--train", required=True, help="labelled training data: shards folder, pattern or ImageFolder")
+        p.add_argument("--train-split", default="train")
+    p.add_argument("--test", required=True, help="labelled test data")
+    p.add_argument("--test-split", default="test")
+    p.add_argument("--workers", type=int, default=2, help="decoding processes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,26 +67,76 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("eval", help="evaluate an encoder")
+    e = sub.add_parser("eval", help="evaluate an encoder (JSON metrics on stdout)")
     esub = e.add_subparsers(dest="protocol", required=True)
+    model_help = "an export folder, local-dir:PATH, hf-hub:ORG/NAME[@REV], timm:NAME or open_clip:ARCH/TAG"
     k = esub.add_parser("knn", help="weighted k-NN on frozen features (InstDisc/DINO protocol)",
                         description="Example: sslhub eval knn --model runs/simclr/export "
                                     "--train ../shared/data/cifar10 --test ../shared/data/cifar10")
-    k.add_argument("--model", required=True, help="an export folder (or local-dir:PATH)")
-    k.add_argument("--train", required=True, help="labelled bank: shards folder, pattern or ImageFolder")
-    k.add_argument("--test", required=True, help="labelled queries")
-    k.add_argument("--train-split", default="train")
-    k.add_argument("--test-split", default="test")
+    k.add_argument("--model", required=True, help=model_help)
+    _data_args(k)
     k.add_argument("--k", type=int, nargs="+", default=[20, 200])
     k.add_argument("--temperature", type=float, default=0.07)
-    k.add_argument("--workers", type=int, default=2)
-    k.set_defaults(func=_eval_knn)
+    k.set_defaults(func=C.eval_knn)
+
+    lin = esub.add_parser("linear", help="logistic-regression probe (C chosen on held-out train), low-shot, fine-tune",
+                          description="Example: sslhub eval linear --model runs/simclr/export --train "
+                                      "../shared/data/cifar10 --test ../shared/data/cifar10 --low-shot 0.01 0.1")
+    lin.add_argument("--model", required=True, help=model_help)
+    _data_args(lin)
+    lin.add_argument("--low-shot", type=float, nargs="*", default=[], help="label fractions, e.g. 0.01 0.1")
+    lin.add_argument("--finetune-epochs", type=float, default=0, help="also fine-tune all layers (sslhub exports)")
+    lin.add_argument("--finetune-lr", type=float, default=1e-3)
+    lin.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay, e.g. 0.75 for ViTs")
+    lin.set_defaults(func=C.eval_linear)
+
+    z = esub.add_parser("zeroshot", help="zero-shot classification with prompt templates",
+                        description="Example: sslhub eval zeroshot --model OPEN_CLIP_FOLDER "
+                                    "--test ../shared/data/cifar10 --templates cifar")
+    z.add_argument("--model", required=True, help=model_help)
+    _data_args(z, train=False)
+    z.add_argument("--classes", help="comma-separated names or a file (default: the data's dataset.json classes)")
+    z.add_argument("--templates", default="default",
+                   help="default | imagenet | imagenet-simple | cifar | a file with one template per line")
+    z.set_defaults(func=C.eval_zeroshot)
+
+    r = esub.add_parser("retrieval", help="image↔text recall@k (Flickr8k/COCO protocol)",
+                        description="Example: sslhub eval retrieval --model OPEN_CLIP_FOLDER "
+                                    "--data ../shared/data/flickr8k --split test")
+    r.add_argument("--model", required=True, help=model_help)
+    r.add_argument("--data", required=True, help="shards with an image and its captions (.json 'captions' or .txt)")
+    r.add_argument("--split", default="test")
+    r.add_argument("--k", type=int, nargs="+", default=[1, 5, 10])
+    r.add_argument("--workers", type=int, default=2)
+    r.set_defaults(func=C.eval_retrieval)
+
+    ix = sub.add_parser("index", help="build and search FAISS indexes of image embeddings")
+    isub = ix.add_subparsers(dest="action", required=True)
+    b = isub.add_parser("build", help="embed a data set and save an index",
+                        description="Example: sslhub index build --model runs/simclr/export "
+                                    "--data data/cifar10-sample --out runs/index")
+    b.add_argument("--model", required=True, help=model_help)
+    b.add_argument("--data", required=True)
+    b.add_argument("--split", default="train")
+    b.add_argument("--out", required=True, help="index folder (written atomically)")
+    b.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"])
+    b.add_argument("--workers", type=int, default=2)
+    b.set_defaults(func=C.index_build)
+    s = isub.add_parser("search", help="query an index with text or images",
+                        description='Example: sslhub index search --index runs/index --image cat.jpg --k 5')
+    s.add_argument("--index", required=True)
+    s.add_argument("--model", help="default: the model recorded in the index")
+    q = s.add_mutually_exclusive_group(required=True)
+    q.add_argument("--text", nargs="+", help="text queries (needs a text tower)")
+    q.add_argument("--image", nargs="+", help="image files")
+    s.add_argument("--k", type=int, default=10)
+    s.set_defaults(func=C.index_search)
 
     c = sub.add_parser("cards", help="write MODEL_CARDS.md: the card template and an index of exports",
                        description="Example: sslhub cards --out MODEL_CARDS.md runs/*/export")
     c.add_argument("exports", nargs="*", help="export folders to index")
     c.add_argument("--out", default="MODEL_CARDS.md")
-    c.set_defaults(func=_cards)
+    c.set_defaults(func=C.cards)
 
     m = sub.add_parser("methods", help="list the registered methods")
     m.set_defaults(func=_methods)
@@ -116,12 +149,16 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .data.images import BadImage
     from .data.sources import DataError
     from .loading import LoadError
 
     try:
         result = args.func(args)
-    except (ConfigError, DataError, LoadError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DataError, LoadError, CheckpointError, BadImage, FileNotFoundError, TypeError,
+            ValueError) as e:
+        if args.verbose:  # -v: the full traceback
+            raise
         print(f"sslhub: error: {e}", file=sys.stderr)
         return 2
     if result:
