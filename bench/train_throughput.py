@@ -165,6 +165,18 @@ def lightly_data_only(images_hwc: np.ndarray, steps: int, workers: int) -> float
 
 
 # ---------------------------------------------------------------------------------------- machine
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                flags = open("/proc/cpuinfo").read()
+                bf16 = "with" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "without"
+                return f"{line.split(':', 1)[1].strip()} ({bf16} AVX512-BF16/AMX)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def matmul_peak(n: int = 2048, reps: int = 10) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
@@ -206,7 +218,7 @@ def main() -> None:
 
     peak = matmul_peak()
     flops = step_flops_per_image()
-    results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+    results = {"machine": f"{_cpu_name()}, {torch.get_num_threads()} threads, "
                           f"torch {torch.__version__}", "matmul_peak_gflops": round(peak, 1),
                "step_gflop_per_image": round(flops / 1e9, 3), "batch": BATCH, "runs": args.runs,
                "steps": args.steps, "data": str(src.spec), "rows": []}
@@ -233,7 +245,8 @@ def main() -> None:
     (out / "train_throughput.json").write_text(json.dumps(results, indent=1))
     lines = [f"Machine: {results['machine']}; measured fp32 matmul peak {results['matmul_peak_gflops']} GFLOP/s; "
              f"one SimCLR step costs {results['step_gflop_per_image']} GFLOP per image (both views, fwd+bwd).",
-             f"Command: `python bench/train_throughput.py --runs {args.runs} --steps {args.steps}`; data "
+             f"Command: `python bench/train_throughput.py --runs {args.runs} --steps {args.steps} "
+             f"--cases {' '.join(args.cases)}`; data "
              f"`{results['data']}`; batch {BATCH}; median of {args.runs} runs, each {args.steps} timed steps "
              "after a warm-up step; both peers measured in the same run.", "",
              "| what | sslhub img/s | lightly img/s | sslhub / lightly | share of matmul peak (sslhub / lightly) |",

@@ -139,7 +139,10 @@ def card_index(exports: list[str], args: str = "") -> str:
         ev = s.get("eval", {}) or {}
         knn = ev.get("knn", {})
         pretext = ", ".join(f"{k} {v:.3f}" for k, v in (ev.get("pretext") or {}).items()) or "–"
-        rows.append(f"| `{folder}` | {s.get('method')} | `{cfg['architecture']}` | `{s.get('train_data')}` | "
+        method = s.get("method") if s.get("steps") else "none (random init)"
+        extra = {k: v for k, v in cfg.get("model_args", {}).items() if k != "num_classes"}
+        arch = f"`{cfg['architecture']}`" + (f" {json.dumps(extra)}" if extra else "")
+        rows.append(f"| `{folder}` | {method} | {arch} | `{s.get('train_data')}` | "
                     f"{s.get('steps')} | {s.get('global_batch')} | {s.get('train_seconds')} | "
                     f"{knn.get('top1@k=20', '–')} | {knn.get('top1@k=200', '–')} | {pretext} |")
     return INDEX_HEADER.format(args=args) + "\n".join(rows) + "\n"
