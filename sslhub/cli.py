@@ -152,11 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     from .data.images import BadImage
     from .data.sources import DataError
     from .loading import LoadError
+    from .trainer import NonFiniteLoss
 
     try:
         result = args.func(args)
-    except (ConfigError, DataError, LoadError, CheckpointError, BadImage, FileNotFoundError, TypeError,
-            ValueError) as e:
+    except (ConfigError, DataError, LoadError, CheckpointError, BadImage, NonFiniteLoss, FileNotFoundError,
+            TypeError, ValueError) as e:
         if args.verbose:  # -v: the full traceback
             raise
         print(f"sslhub: error: {e}", file=sys.stderr)

@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 
 from . import distributed as D
 from .checkpoint import load_state, save_state
-from .config import to_dict
 from .data.images import BatchPlan, DecodedImages, decode_all
 from .data.sources import open_source
 from .encoder import Backbone
@@ -276,4 +275,4 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: b
     return Trainer(recipe, out_dir, resume, progress).fit()
 
 
-__all__ = ["Trainer", "train", "NonFiniteLoss", "to_dict"]
+__all__ = ["Trainer", "train", "NonFiniteLoss"]

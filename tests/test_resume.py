@@ -99,3 +99,12 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     res = train(tmp_path / "run", "--resume")
     assert res.returncode == 2
     assert "last.safetensors: not a readable sslhub checkpoint" in res.stderr
+
+
+def test_non_finite_loss_stops_with_a_way_forward(tmp_path, capsys):
+    from sslhub.cli import main
+    rc = main(["train", *ARGS[:-1], "--set", "method_args.temperature=0.0", "--set", "train.ckpt_every=100",
+               "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "loss is nan at step 0: training stopped" in err and "--resume" in err
+    assert not (tmp_path / "run" / "export").exists()
