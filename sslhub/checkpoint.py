@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 _TENSOR = "__tensor__"
 
@@ -85,11 +85,9 @@ def save_state(path: str | Path, state: dict) -> None:
 def load_state(path: str | Path) -> dict:
     path = Path(path)
     try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # one pass: metadata and tensors
             meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable sslhub checkpoint ({e})") from None
     if "sslhub_state" not in meta:

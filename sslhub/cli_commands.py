@@ -10,13 +10,16 @@ from pathlib import Path
 import torch
 
 
+def decode_size(enc) -> int:
+    """The size to decode images at: the one the encoder centre-crops from (its preprocessing does the rest)."""
+    return int(enc.image_size / getattr(enc, "crop_pct", 1.0))
+
+
 def labelled(enc, spec: str, split: str, workers: int, what: str):
-    """``spec`` decoded at the size the encoder centre-crops from (its preprocessing does the rest)."""
     from .data.images import decode_all
     from .data.sources import open_source
 
-    size = int(enc.image_size / getattr(enc, "crop_pct", 1.0))
-    return decode_all(open_source(spec, split), size, workers, desc=f"decoding {what}")
+    return decode_all(open_source(spec, split), decode_size(enc), workers, desc=f"decoding {what}")
 
 
 def _features(enc, data) -> torch.Tensor:
@@ -88,8 +91,7 @@ def _image_text(enc, spec: str, split: str, workers: int):
     from .data.sources import open_source
 
     src = open_source(spec, split)
-    size = int(enc.image_size / getattr(enc, "crop_pct", 1.0))
-    data = decode_all(src, size, workers, desc="decoding images")
+    data = decode_all(src, decode_size(enc), workers, desc="decoding images")
     by_key = {s.key: s for s in src.samples}
     captions, owner = [], []
     for i, key in enumerate(data.keys):

@@ -115,7 +115,7 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.lr=0.1")
         key, raw = item.split("=", 1)
-        pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else "")) 
+        pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
     return pairs
 
 

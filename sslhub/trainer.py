@@ -256,10 +256,15 @@ class MetricsLog:
             return
         self.rows.append(row)
         keys = list(dict.fromkeys(k for r in self.rows for k in r))
-        with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, keys)
-            w.writeheader()
-            w.writerows(self.rows)
+        if keys == getattr(self, "_keys", None):  # same columns: append the row
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, keys).writerow(row)
+        else:  # first row, a resumed file or a new column: write it whole
+            self._keys = keys
+            with open(self.path, "w", newline="") as f:
+                w = csv.DictWriter(f, keys)
+                w.writeheader()
+                w.writerows(self.rows)
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step":

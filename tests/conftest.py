@@ -27,7 +27,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def shared_data(name: str) -> Path:
     path = SHARED / name
     if not (path / "dataset.json").is_file():
-        pytest.skip(f"needs {path} (the real data in ../shared/data), absent here")
+        pytest.skip(f"needs {path} (the real data of the shared data folder), absent here")
     return path
 
 

@@ -1,4 +1,4 @@
-"""Slow tier: short CPU runs on the real CIFAR-10 (../shared/data) beat a random-init encoder in k-NN.
+"""Slow tier: short CPU runs on the real CIFAR-10 of the shared data folder beat a random-init encoder in k-NN.
 
     pytest -m slow tests/test_real_data.py      (about 30 minutes on 2 cores: each run trains ≤ 10 min,
                                                  then embeds 60k images for k-NN)

@@ -186,8 +186,10 @@ class BatchPlan:
 
     def indices(self, step: int) -> torch.Tensor:
         epoch, i = divmod(step, self.steps_per_epoch)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        perm = torch.randperm(self.n, generator=g)
+        if getattr(self, "_epoch", None) != epoch:  # one permutation per epoch, not per step
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        perm = self._perm
         local = self.global_batch // self.world
         start = i * self.global_batch + self.rank * local
         return perm[start : start + local]
