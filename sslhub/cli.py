@@ -10,6 +10,7 @@ Examples:
   sslhub eval zeroshot --model OPEN_CLIP_FOLDER --test ../shared/data/cifar10 --templates cifar
   sslhub eval retrieval --model OPEN_CLIP_FOLDER --data ../shared/data/flickr8k --split test
   sslhub index build --model M --data DATA --out runs/index && sslhub index search --index runs/index --text "a dog"
+  sslhub demo OPEN_CLIP_FOLDER --data data/flickr8k-sample          # Gradio demo on http://127.0.0.1:7860
 """
 from __future__ import annotations
 
@@ -31,6 +32,19 @@ def _train(args: argparse.Namespace) -> dict:
     recipe = load_recipe(args.recipe, args.set)
     out = args.out or str(Path("runs") / Path(args.recipe).stem)
     return train(recipe, out, resume=args.resume, progress=not args.no_progress)
+
+
+def _push(args: argparse.Namespace) -> dict:
+    from .hub import push_command
+
+    return push_command(args)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import launch
+
+    launch(args.model, index=args.index, data=args.data, split=args.split, host=args.host, port=args.port,
+           share=args.share)
 
 
 def _methods(args: argparse.Namespace) -> dict:
@@ -132,11 +146,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=int, default=10)
     s.set_defaults(func=C.index_search)
 
+    ph = sub.add_parser("push", help="publish a model folder on the Hugging Face Hub (safetensors + card)",
+                        description="Example: sslhub push runs/simclr/export my-org/simclr-r18 --private. The "
+                                    "endpoint and token are huggingface_hub's: HF_ENDPOINT, HF_TOKEN or `hf auth login`.")
+    ph.add_argument("folder", help="an sslhub export, or a timm / open_clip / transformers model folder")
+    ph.add_argument("repo", metavar="ORG/NAME", help="the Hub repo (created if needed)")
+    ph.add_argument("--private", action="store_true", help="create the repo private (an existing one keeps its visibility)")
+    ph.add_argument("--revision", metavar="BRANCH", help="push to this branch (created from main if new)")
+    ph.add_argument("--message", metavar="MSG", help="commit message")
+    ph.set_defaults(func=_push)
+
     c = sub.add_parser("cards", help="write MODEL_CARDS.md: the card template and an index of exports",
                        description="Example: sslhub cards --out MODEL_CARDS.md runs/*/export")
     c.add_argument("exports", nargs="*", help="export folders to index")
     c.add_argument("--out", default="MODEL_CARDS.md")
     c.set_defaults(func=C.cards)
+
+    d = sub.add_parser("demo", help="serve the Gradio demo: zero-shot, retrieval, neighbours, attention maps",
+                       description="Example: sslhub demo open_clip:ViT-B-32/laion2b_s34b_b79k --data "
+                                   "data/flickr8k-sample. Serves until Ctrl-C; see demos/README.md.")
+    d.add_argument("model", help=model_help)
+    dq = d.add_mutually_exclusive_group()
+    dq.add_argument("--index", help="a saved index folder (sslhub index build)")
+    dq.add_argument("--data", help="images to embed at start: a folder, ImageFolder or shards")
+    d.add_argument("--split", default="train", help="split of --data shards")
+    d.add_argument("--port", type=int, help="default: the first free port from 7860")
+    d.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
+    d.add_argument("--share", action="store_true", help="also ask Gradio for a public share link")
+    d.set_defaults(func=_demo)
 
     m = sub.add_parser("methods", help="list the registered methods")
     m.set_defaults(func=_methods)
@@ -145,8 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # sslhub's own messages at INFO; libraries (open_clip logs to the root logger) at WARNING unless -v
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("sslhub").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data.images import BadImage

@@ -10,32 +10,27 @@ from pathlib import Path
 import torch
 
 
-def decode_size(enc) -> int:
-    """The size to decode images at: the one the encoder centre-crops from (its preprocessing does the rest)."""
-    return int(enc.image_size / getattr(enc, "crop_pct", 1.0))
-
-
 def labelled(enc, spec: str, split: str, workers: int, what: str):
-    from .data.images import decode_all
-    from .data.sources import open_source
+    from .eval.protocols import decode
 
-    return decode_all(open_source(spec, split), decode_size(enc), workers, desc=f"decoding {what}")
+    return decode(enc, spec, split, workers, what)
 
 
 def _features(enc, data) -> torch.Tensor:
-    return enc.embed_images(data.images, batch_size=256, normalize=True, progress=True)
+    from .eval.protocols import features
+
+    return features(enc, data)
 
 
 def eval_knn(args: argparse.Namespace) -> dict:
-    from .eval.knn import knn_eval
+    from .eval import protocols
     from .loading import load_encoder
 
     enc = load_encoder(args.model)
-    bank = labelled(enc, args.train, args.train_split, args.workers, "bank")
-    test = labelled(enc, args.test, args.test_split, args.workers, "test")
-    res = knn_eval(_features(enc, bank), bank.labels, _features(enc, test), test.labels, ks=tuple(args.k),
-                   temperature=args.temperature)
-    return {"model": args.model, "bank": args.train, "test": args.test, "knn": res}
+    res = protocols.knn(enc, args.train, args.train_split, args.test, args.test_split, ks=args.k,
+                        temperature=args.temperature, workers=args.workers)
+    return {"model": args.model, "bank": args.train, "test": args.test,
+            "knn": {k: v for k, v in res.items() if k not in ("bank", "test")}}
 
 
 def eval_linear(args: argparse.Namespace) -> dict:
@@ -60,61 +55,31 @@ def eval_linear(args: argparse.Namespace) -> dict:
     return out
 
 
-def _classnames(args, source_classes) -> list[str]:
+def eval_zeroshot(args: argparse.Namespace) -> dict:
+    from .eval import protocols
+    from .loading import load_encoder
+
+    enc = load_encoder(args.model)
+    names = None
     if args.classes:
         path = Path(args.classes)
         names = path.read_text().splitlines() if path.is_file() else args.classes.split(",")
-        return [n.strip() for n in names if n.strip()]
-    if not source_classes:
-        raise ValueError(f"{args.test}: no class names found (no dataset.json 'classes', not an ImageFolder): "
-                         "give --classes 'cat,dog,...' or a file with one name per line")
-    return list(source_classes)
-
-
-def eval_zeroshot(args: argparse.Namespace) -> dict:
-    from .loading import load_encoder
-    from .zeroshot import ZeroShotClassifier, check_labels
-
-    enc = load_encoder(args.model)
-    test = labelled(enc, args.test, args.test_split, args.workers, "test")
-    names = _classnames(args, test.classes)
-    templates = Path(args.templates).read_text().splitlines() if Path(args.templates).is_file() else args.templates
-    clf = ZeroShotClassifier(enc, names, templates=templates)
-    metrics = clf.evaluate(test.images, test.labels, batch_size=256)
-    return {"model": args.model, "test": args.test, "classes": len(names), "templates": len(clf.templates),
-            "zeroshot": metrics, "prompt_check": check_labels(enc, names, clf.templates)}
-
-
-def _image_text(enc, spec: str, split: str, workers: int):
-    """Images and all their captions from shards with ``json`` (``captions``) or ``txt`` per image."""
-    from .data.images import decode_all
-    from .data.sources import open_source
-
-    src = open_source(spec, split)
-    data = decode_all(src, decode_size(enc), workers, desc="decoding images")
-    by_key = {s.key: s for s in src.samples}
-    captions, owner = [], []
-    for i, key in enumerate(data.keys):
-        s = by_key[key]
-        caps = (s.meta or {}).get("captions") or ([s.text] if s.text else [])
-        if not caps:
-            raise ValueError(f"{key}: no caption (.txt or .json 'captions'): retrieval needs image–text pairs")
-        captions += caps
-        owner += [i] * len(caps)
-    return data, captions, torch.tensor(owner)
+        names = [n.strip() for n in names if n.strip()]
+    res = protocols.zeroshot(enc, args.test, args.test_split, args.templates, names, args.workers)
+    check = res.pop("prompt_check")
+    return {"model": args.model, "test": args.test, "classes": res.pop("classes"), "templates": res.pop("templates"),
+            "zeroshot": {k: v for k, v in res.items() if k not in ("data", "split", "template_set")},
+            "prompt_check": check}
 
 
 def eval_retrieval(args: argparse.Namespace) -> dict:
+    from .eval import protocols
     from .loading import load_encoder
-    from .retrieval import image_text_retrieval
 
     enc = load_encoder(args.model)
-    data, captions, owner = _image_text(enc, args.data, args.split, args.workers)
-    img = _features(enc, data)
-    txt = enc.embed_text(captions, normalize=True, progress=True)
-    res = image_text_retrieval(img, txt, owner, ks=tuple(args.k))
-    return {"model": args.model, "data": args.data, "split": args.split, "images": len(data),
-            "captions": len(captions), "retrieval": res}
+    res = protocols.retrieval(enc, args.data, args.split, ks=args.k, workers=args.workers)
+    return {"model": args.model, "data": args.data, "split": args.split, "images": res["images"],
+            "captions": res["captions"], "retrieval": {k: res[k] for k in ("image_to_text", "text_to_image")}}
 
 
 def index_build(args: argparse.Namespace) -> dict:

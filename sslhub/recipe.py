@@ -74,9 +74,28 @@ class KnnEval:
 
 
 @dataclass
+class ZeroShotEval:
+    """Zero-shot classification of labelled ``data`` with prompt templates (image–text models)."""
+    data: str = ""
+    split: str = "test"
+    templates: str = "default"  # default | imagenet | imagenet-simple | cifar | a file, one template a line
+    classes: tuple[str, ...] = ()  # empty → the data's own class names
+
+
+@dataclass
+class RetrievalEval:
+    """Image↔text recall@k over every image and caption of ``data`` (the Flickr/COCO protocol)."""
+    data: str = ""  # empty → skip
+    split: str = "test"
+    k: tuple[int, ...] = (1, 5, 10)
+
+
+@dataclass
 class EvalConfig:
     knn: KnnEval = field(default_factory=KnnEval)
     pretext: bool = True  # methods with a pretext task report their own accuracy on the test set
+    zeroshot: list[ZeroShotEval] = field(default_factory=list)  # run on the export (needs a text tower)
+    retrieval: RetrievalEval = field(default_factory=RetrievalEval)
 
 
 @dataclass

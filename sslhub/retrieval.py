@@ -2,14 +2,19 @@
 
 ``build_index(embeddings (N, D))`` picks the index from the data (``kind="auto"``):
 - fewer than 10,000 vectors: exact ``IndexFlatIP``;
-- more: IVF-Flat with ``nlist ≈ 4·sqrt(N)`` lists (a power of two, the low end of the FAISS guideline),
-  k-means on 64·nlist vectors (guideline: 30–256 per list), ``nprobe`` doubled from ``max(8, nlist/64)``
-  until recall@10 against exact search reaches 0.97 on ``calibration_queries`` (held-out queries) or
-  else 256 database rows, each leaving itself out (a fixed nprobe is not enough: 8 of 256 lists gave
-  0.88 for unseen CIFAR-10 images over 10k pixel-PCA embeddings). Rows track unseen queries on real
-  data (within 0.01 there) but overrate recall on near-duplicates (noisy copies: 1.00 vs 0.94);
+- 10,000 to 2 million: HNSW (M = 32), its ``efSearch`` calibrated (below). At 1M × 256 real-structured
+  vectors on 2 cores it answers ~15× the exact queries/s at recall@10 ≥ 0.95 (BENCHMARKS.md), where
+  IVF-Flat reached only ~4× at that recall: IVF scans its probed lists without BLAS. Its build is the
+  price: ~17 s at 100k, ~4 min at 1M;
+- more (or when the graph would exceed ``memory_budget_mb``): IVF-Flat with ``nlist ≈ 4·sqrt(N)`` lists
+  (a power of two, the low end of the FAISS guideline), k-means on 64·nlist vectors (guideline: 30–256
+  per list);
 - IVF-PQ when the float32 vectors (N·D·4 bytes) exceed ``memory_budget_mb``.
-HNSW (M = 32, efSearch = 128) is ``kind="hnsw"``: its build is slow (70–136 s at 100k × 512, 2 threads).
+Calibration: ``nprobe`` (IVF, from ``max(8, nlist/64)``) or ``efSearch`` (HNSW, from 16) grows by ~√2
+until recall@10 against exact search reaches 0.96 on ``calibration_queries`` (held-out queries) or
+else 256 database rows, each leaving itself out (a fixed setting is not enough: 8 of 256 lists gave 0.88
+for unseen CIFAR-10 images over 10k pixel-PCA embeddings). Rows track unseen queries on real data
+(within 0.01 there) but overrate recall on near-duplicates (noisy copies: 1.00 vs 0.94).
 
 A saved index is a folder: ``index.faiss`` (``faiss.write_index``), ``meta.json`` (format version, dim,
 kind, metric, count, info, ids, size and sha256 of index.faiss) and ``metadata.jsonl`` (one JSON object
@@ -48,8 +53,10 @@ METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "cosine": faiss.METRIC_INNER_PRODUC
 FLAT_BELOW = 10_000  # auto: exact search below this many vectors
 TRAIN_PER_LIST = 64  # k-means sample per inverted list (FAISS guideline 30–256; 64 keeps 1M builds ~1 min)
 MIN_PER_LIST = 39  # FAISS warns below 39 training points per centroid
-HNSW_M, HNSW_EF_SEARCH = 32, 128  # graph degree; search beam (FAISS's default 16 is low for recall@10)
-CALIB_QUERIES, CALIB_K, RECALL_TARGET = 256, 10, 0.97  # nprobe calibration (a margin over the 0.95 goal)
+HNSW_M, HNSW_EF_SEARCH, HNSW_EF_MAX = 32, 128, 1024  # graph degree; default and largest calibrated search beam
+HNSW_AUTO_MAX = 2_000_000  # auto: HNSW up to here (build ≈ 4 min per million 256-d vectors on 2 cores), IVF above
+CALIB_QUERIES, CALIB_K, RECALL_TARGET = 256, 10, 0.96  # calibration: a margin over the 0.95 goal
+CALIB_GROWTH = 1.41  # each calibration step widens the search by ~√2
 ADD_CHUNK = 100_000  # vectors per add() call; a progress bar is shown above one chunk
 ACTION = "Rebuild it with `sslhub index build` (or `build_index(...).save(path)`)."
 
@@ -281,12 +288,13 @@ def _pq_m(dim: int, n: int, budget_bytes: float | None) -> int:
 def build_index(embeddings: Any, ids: Sequence | None = None, metadata: Sequence[dict] | None = None,
                 kind: str = "auto", metric: str = "ip", memory_budget_mb: float | None = None,
                 progress: bool = True, *, nlist: int | None = None, nprobe: int | None = None,
+                ef_search: int | None = None,
                 calibration_queries: Any | None = None, seed: int = 0) -> Index:
     """Index ``embeddings (N, D)`` (rows L2-normalised for ``metric="ip"``) with optional ids and metadata.
 
     ``kind``: "auto" (see the module docstring), "flat" (exact), "hnsw", "ivf" or "ivfpq"; ``metric``:
     "ip", "cosine" (normalises embeddings and queries) or "l2". ``nlist``/``nprobe`` override the IVF
-    choices; ``calibration_queries (Q, D)``, held-out queries, tune nprobe. ``index.info`` says what was
+    choices, ``ef_search`` HNSW's; ``calibration_queries (Q, D)``, held-out queries, tune nprobe / efSearch. ``index.info`` says what was
     chosen and why.
     """
     if kind not in KINDS:
@@ -310,8 +318,12 @@ def build_index(embeddings: Any, ids: Sequence | None = None, metadata: Sequence
             kind, info["reason"] = "ivfpq", f"float32 vectors ({flat_mb:.1f} MB) > memory_budget_mb={memory_budget_mb}"
         elif n < FLAT_BELOW:
             kind, info["reason"] = "flat", f"{n} < {FLAT_BELOW} vectors: exact search is fast enough"
+        elif n > HNSW_AUTO_MAX:
+            kind, info["reason"] = "ivf", f"{n} > {HNSW_AUTO_MAX} vectors: an HNSW graph would take long to build"
+        elif budget is not None and n * (dim * 4 + HNSW_M * 8) > budget:
+            kind, info["reason"] = "ivf", f"an HNSW graph (+{HNSW_M * 8} bytes a vector) exceeds memory_budget_mb"
         else:
-            kind, info["reason"] = "ivf", f"{n} ≥ {FLAT_BELOW} vectors"
+            kind, info["reason"] = "hnsw", f"{FLAT_BELOW} ≤ {n} ≤ {HNSW_AUTO_MAX} vectors"
     info["kind"] = kind
     fmetric = METRICS[metric]
     if kind == "flat":
@@ -342,19 +354,24 @@ def build_index(embeddings: Any, ids: Sequence | None = None, metadata: Sequence
             index.add(x[i : i + ADD_CHUNK])
             bar.update(min(ADD_CHUNK, n - i))
     out = Index(index, kind, metric, info, ids, metadata)
+    queries = None if calibration_queries is None else out._queries(calibration_queries)
     if kind in ("ivf", "ivfpq"):
-        queries = None if calibration_queries is None else out._queries(calibration_queries)
-        out.nprobe = nprobe or _calibrate_nprobe(out, x, queries, seed)
+        out.nprobe = nprobe or _calibrate(out, x, queries, seed)
+    elif kind == "hnsw":
+        index.hnsw.efSearch = info["ef_search"] = ef_search or _calibrate(out, x, queries, seed)
     info["build_seconds"] = round(time.perf_counter() - t0, 2)
     log.info("built %s index: %s", kind, json.dumps(info, ensure_ascii=False))
     return out
 
 
-def _calibrate_nprobe(index: Index, x: np.ndarray, queries: np.ndarray | None, seed: int) -> int:
-    """The smallest doubling of ``max(8, nlist/64)`` reaching RECALL_TARGET on ``queries`` (default:
-    database rows, own row left out). Stops at nlist/4 lists (little faster than exact search) or when a
-    doubling gains < 0.005 (IVF-PQ levels off at its quantisation error)."""
-    n, nlist, fmetric = x.shape[0], index.info["nlist"], METRICS[index.metric]
+def _calibrate(index: Index, x: np.ndarray, queries: np.ndarray | None, seed: int) -> int:
+    """Tune the search breadth — IVF's ``nprobe`` or HNSW's ``efSearch`` — to the smallest doubling that
+    reaches RECALL_TARGET on ``queries`` (default: database rows, own row left out).
+
+    Each step widens by ~√2. IVF starts at ``max(8, nlist/64)`` lists and stops at nlist/4 (little faster
+    than exact search); HNSW starts at efSearch 16 and stops at HNSW_EF_MAX. Either stops when a step gains < 0.005
+    (IVF-PQ levels off at its quantisation error)."""
+    n, fmetric = x.shape[0], METRICS[index.metric]
     own = None if queries is not None else np.random.default_rng(seed + 1).choice(n, CALIB_QUERIES, replace=False)
     queries, k = (queries if own is None else x[own]), min(CALIB_K, n - 1)  # (Q, D)
 
@@ -363,21 +380,28 @@ def _calibrate_nprobe(index: Index, x: np.ndarray, queries: np.ndarray | None, s
             return found[:, :k]
         return np.array([[r for r in row if r != i][:k] for row, i in zip(found.tolist(), own.tolist())])
 
+    if index.kind == "hnsw":
+        name, value, stop = "ef_search", 16, HNSW_EF_MAX
+        params = lambda v: faiss.SearchParametersHNSW(efSearch=v)  # noqa: E731
+    else:
+        nlist = index.info["nlist"]
+        name, value, stop = "nprobe", min(max(8, nlist // 64), nlist), max(1, nlist // 4)
+        params = lambda v: faiss.SearchParametersIVF(nprobe=min(v, nlist))  # noqa: E731
     exact = top_k(faiss.knn(queries, x, k + 1, fmetric)[1])  # brute force (blocked BLAS, no copy of x)
-    curve, nprobe, prev = {}, min(max(8, nlist // 64), nlist), (0, -1.0)
+    curve, prev = {}, (0, -1.0)
     while True:
-        found = top_k(index._search_rows(queries, k + 1, faiss.SearchParametersIVF(nprobe=nprobe))[1])
-        curve[str(nprobe)] = recall = round(_overlap(found, exact), 4)
-        if recall - prev[1] < 0.005:  # no gain from the last doubling: keep the cheaper nprobe
-            nprobe, recall = prev
-        if recall >= RECALL_TARGET or nprobe >= max(1, nlist // 4) or (nprobe, recall) == prev:
+        found = top_k(index._search_rows(queries, k + 1, params(value))[1])
+        curve[str(value)] = recall = round(_overlap(found, exact), 4)
+        if recall - prev[1] < 0.005:  # no gain from the last doubling: keep the cheaper setting
+            value, recall = prev
+        if recall >= RECALL_TARGET or value >= stop or (value, recall) == prev:
             break
-        prev, nprobe = (nprobe, recall), min(2 * nprobe, nlist)
+        prev, value = (value, recall), max(value + 1, round(value * CALIB_GROWTH))
     index.info["calibration"] = {"queries": f"{len(queries)} {'database rows' if own is not None else 'given'}",
-                                 "k": k, "target": RECALL_TARGET, "recall_by_nprobe": curve}
+                                 "k": k, "target": RECALL_TARGET, f"recall_by_{name}": curve}
     if recall < RECALL_TARGET:
-        log.warning("%s index: recall@%d vs exact only %.3f (nprobe %d/%d)", index.kind, k, recall, nprobe, nlist)
-    return nprobe
+        log.warning("%s index: recall@%d vs exact only %.3f (%s %d)", index.kind, k, recall, name, value)
+    return value
 
 
 def compare_with_exact(index: Index, queries: Any, k: int = 10, embeddings: Any | None = None) -> float:

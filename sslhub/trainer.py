@@ -23,10 +23,9 @@ from tqdm.auto import tqdm
 from . import distributed as D
 from .checkpoint import load_state, save_state
 from .data.images import BatchPlan, DecodedImages, decode_all
-from .data.sources import open_source
+from .data.sources import open_source, with_captions
 from .encoder import Backbone
 from .eval.knn import extract_features, knn_eval
-from .export import export_encoder
 from .methods.base import Batch, Method
 from .plots import plot_curves
 from .optim import build_optimizer, cosine_schedule, scaled_lr
@@ -69,19 +68,20 @@ class Trainer:
     def _data(self) -> DecodedImages:
         dc, enc = self.recipe.data, self.recipe.encoder
         source = open_source(dc.train, dc.split)
+        if get_method(self.recipe.method).needs_text:
+            source = with_captions(source)  # samples without a caption are skipped and counted
         return decode_all(source, enc.image_size, num_workers=dc.num_workers,
                           progress=self.progress and D.is_main(), desc="decoding train")
 
     def _model(self) -> Method:
         torch.manual_seed(self.recipe.seed)
-        backbone = Backbone(self.recipe.encoder)
-        method = get_method(self.recipe.method)(backbone, self.recipe.method_args)
+        method = get_method(self.recipe.method).create(self.recipe.encoder, self.recipe.method_args)
         if self.world > 1:
             D.convert_batchnorm(method)  # global BN: statistics of the whole batch, as one process
         method.to(self.device)
         if self.recipe.train.channels_last:
             method.to(memory_format=torch.channels_last)
-            backbone.channels_last = True
+            method.backbone.channels_last = True
         D.broadcast_module(method)
         return method
 
@@ -133,10 +133,12 @@ class Trainer:
             rng = torch.Generator(device="cpu").manual_seed(seed)
             idx = plan.indices(step)
             images, labels = data.images[idx], data.labels[idx]
+            texts = pick_captions(data.texts, idx, rng) if data.texts is not None else None
             out_sum: dict[str, float] = {}
             for chunk in range(tc.accumulate):
                 sl = slice(chunk * micro // tc.accumulate, (chunk + 1) * micro // tc.accumulate)
-                batch = Batch(images[sl].to(self.device), labels[sl].to(self.device), rng=rng, step=step)
+                batch = Batch(images[sl].to(self.device), labels[sl].to(self.device),
+                              texts=texts[sl] if texts is not None else None, rng=rng, step=step)
                 with self._autocast():
                     out = method.loss(batch)
                 loss = out["loss"]
@@ -200,8 +202,12 @@ class Trainer:
             info = {"method": r.method, "paper": method.paper, "recipe": r.to_dict(), "recipe_file": r.source,
                     "steps": total, "global_batch": r.data.batch_size * r.train.accumulate,
                     "processes": self.world, "train_data": r.data.train, "train_images": len(data),
-                    "train_seconds": round(elapsed, 1), "eval": metrics}
-            export = export_encoder(method.backbone, self.out / "export", info)
+                    "train_seconds": round(elapsed, 1)}
+            export = method.export(self.out / "export", {**info, "eval": metrics})
+            more = self.evaluate_export(export, knn=not isinstance(method.backbone, Backbone))
+            if more:  # evaluations of the exported model itself: written into its config and card
+                metrics.update(more)
+                export = method.export(self.out / "export", {**info, "eval": metrics})
             (self.out / "metrics.json").write_text(json.dumps({"steps": total, **metrics}, indent=1))
             metrics = {"export": str(export), "steps": total, **metrics}
         D.barrier()
@@ -211,7 +217,7 @@ class Trainer:
         r, enc = self.recipe, self.recipe.encoder
         kc, results = r.eval.knn, {}
         test = None
-        if kc.test:
+        if kc.test and isinstance(method.backbone, Backbone):
             test = decode_all(open_source(kc.test, kc.test_split), enc.image_size, r.data.num_workers,
                               progress=self.progress, desc="decoding test")
             same_bank = kc.train in ("", r.data.train) and kc.train_split == r.data.split
@@ -229,6 +235,39 @@ class Trainer:
             if pretext:
                 results["pretext"] = pretext
         return results
+
+
+    def evaluate_export(self, export: Path, knn: bool) -> dict[str, Any]:
+        """Evaluations through the inference layer on the export, as a user would load it: zero-shot and
+        retrieval (image–text models), and k-NN for methods whose encoder is not a timm backbone."""
+        ev, kc, out = self.recipe.eval, self.recipe.eval.knn, {}
+        if not (ev.zeroshot or ev.retrieval.data or (knn and kc.test)):
+            return out
+        from .eval import protocols
+        from .loading import load_encoder
+
+        enc = load_encoder(export, device=self.device)
+        workers = self.recipe.data.num_workers
+        if knn and kc.test:
+            out["knn"] = protocols.knn(enc, kc.train or self.recipe.data.train, kc.train_split, kc.test,
+                                       kc.test_split, kc.k, kc.temperature, workers, self.progress)
+        for z in ev.zeroshot:
+            res = protocols.zeroshot(enc, z.data, z.split, z.templates, list(z.classes) or None, workers,
+                                     self.progress)
+            pairs = res.pop("prompt_check")  # the card keeps the count and the closest pairs only
+            res["confusable_label_pairs"] = {"count": len(pairs), "closest": [
+                {"labels": list(p["labels"]), "similarity": p["similarity"]} for p in pairs[:3]]}
+            out.setdefault("zeroshot", []).append(res)
+        if ev.retrieval.data:
+            out["retrieval"] = protocols.retrieval(enc, ev.retrieval.data, ev.retrieval.split, ev.retrieval.k,
+                                                   workers, self.progress)
+        return out
+
+
+def pick_captions(texts: list[list[str]], idx: torch.Tensor, rng: torch.Generator) -> list[str]:
+    """One of each image's captions, drawn with the step's generator (deterministic on resume)."""
+    draws = torch.randint(0, 2**31 - 1, (len(idx),), generator=rng).tolist()
+    return [texts[i][d % len(texts[i])] for i, d in zip(idx.tolist(), draws)]
 
 
 class MetricsLog:

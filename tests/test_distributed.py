@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
-from dist_worker import build, step
+from dist_worker import VARIANTS, build, step
 from sslhub.registry import list_methods
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
@@ -17,13 +17,13 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
 
 
-@pytest.mark.parametrize("name", list(list_methods()))
+@pytest.mark.parametrize("name", [*list_methods(), *VARIANTS])
 def test_two_processes_equal_one(tmp_path, name):
     images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     torch.save(images, tmp_path / "images.pt")
     subprocess.run([*TORCHRUN, str(REPO / "tests/dist_worker.py"), name, str(tmp_path)], check=True, env=ENV,
                    cwd=tmp_path, timeout=300)
-    loss1, grads1 = step(build(name), images)
+    loss1, grads1 = step(build(name, tmp_path), images)
     for r in (0, 1):
         got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         assert got["loss"].item() == pytest.approx(loss1.item(), rel=1e-5)

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from conftest import REPO, TINY
-from sslhub.encoder import Backbone
 from sslhub.methods.base import Batch
 from sslhub.recipe import load_recipe
 from sslhub.registry import list_methods
@@ -23,9 +22,12 @@ def recipe_for(name):
 def test_method_step_is_finite_and_trains_the_backbone(name):
     r = recipe_for(name)
     torch.manual_seed(0)
-    method = list_methods()[name](Backbone(r.encoder), r.method_args)
+    cls = list_methods()[name]
+    method = cls.create(r.encoder, r.method_args)
     images = torch.randint(0, 256, (8, 3, r.encoder.image_size, r.encoder.image_size), dtype=torch.uint8)
-    out = method.loss(Batch(images, torch.zeros(8, dtype=torch.long), rng=torch.Generator().manual_seed(0)))
+    texts = [f"a photo number {i}" for i in range(8)] if cls.needs_text else None
+    out = method.loss(Batch(images, torch.zeros(8, dtype=torch.long), texts=texts,
+                            rng=torch.Generator().manual_seed(0)))
     assert "loss" in out and out["loss"].dim() == 0 and math.isfinite(out["loss"].item())
     out["loss"].backward()
     grads = [p.grad for p in method.backbone.parameters() if p.requires_grad]

@@ -13,7 +13,7 @@ from conftest import SAMPLE, shared_data
 from sslhub import retrieval
 from sslhub.data.images import decode_all
 from sslhub.data.sources import open_source
-from sslhub.retrieval import (IndexFileError, build_index, compare_with_exact, image_text_retrieval, load_index,
+from sslhub.retrieval import (RECALL_TARGET, IndexFileError, build_index, compare_with_exact, image_text_retrieval, load_index,
                               recall_at_k)
 
 
@@ -212,10 +212,31 @@ def test_auto_picks_flat_below_10k(cifar):
     assert idx.kind == "flat" and "exact" in idx.info["reason"]
 
 
-def test_auto_picks_ivf_above_10k_with_high_recall(cifar):
+def test_auto_picks_hnsw_above_10k_calibrated(cifar):
+    train, test = cifar  # unseen real images: 250 to calibrate efSearch, 250 to measure
+    x = derived(train, 12_000)
+    idx = build_index(x, calibration_queries=test[250:], progress=False)
+    assert idx.kind == "hnsw" and idx.info["calibration"]["queries"] == "250 given"
+    curve = idx.info["calibration"]["recall_by_ef_search"]
+    assert idx.faiss.hnsw.efSearch == idx.info["ef_search"] and curve[str(idx.info["ef_search"])] >= RECALL_TARGET
+    recall = compare_with_exact(idx, test[:250], k=10)
+    assert recall >= 0.95, idx.info
+    idx.faiss.hnsw.efSearch = 1
+    assert compare_with_exact(idx, test[:250], k=10) < recall - 0.05  # the measure can fail
+
+
+def test_auto_picks_ivf_when_the_graph_exceeds_the_memory_budget(cifar):
+    train, _ = cifar
+    x = derived(train, 12_000)  # float32 vectors: 12,000 × D × 4 bytes
+    budget = (x.nbytes + 12_000 * 16) / 2**20  # room for the vectors, not for a graph of 32 links each
+    idx = build_index(x, memory_budget_mb=budget, progress=False)
+    assert idx.kind == "ivf" and "memory_budget_mb" in idx.info["reason"]
+
+
+def test_ivf_calibrated_nprobe_high_recall(cifar):
     train, test = cifar  # unseen real images: 250 to calibrate nprobe, 250 to measure
     x = derived(train, 12_000)  # 12 noisy copies of 1,000 real embeddings
-    idx = build_index(x, calibration_queries=test[250:], progress=False)
+    idx = build_index(x, kind="ivf", calibration_queries=test[250:], progress=False)
     assert idx.kind == "ivf" and idx.info["nlist"] == 256 and idx.info["train_size"] == 12_000
     assert idx.nprobe == idx.info["nprobe"] >= 8 and idx.info["calibration"]["queries"] == "250 given"
     recall = compare_with_exact(idx, test[:250], k=10)
@@ -229,10 +250,10 @@ def test_default_calibration_on_database_rows(cifar):
     """Without held-out queries nprobe is tuned on database rows; that holds for unseen queries when the
     copies are not near-duplicates (noise norm 1.0; at 0.3 rows overrate recall: see the module docstring)."""
     train, test = cifar
-    idx = build_index(derived(train, 12_000, noise=1.0), progress=False)
+    idx = build_index(derived(train, 12_000, noise=1.0), kind="ivf", progress=False)
     calib = idx.info["calibration"]
     assert idx.kind == "ivf" and calib["queries"] == "256 database rows"
-    assert calib["recall_by_nprobe"][str(idx.nprobe)] >= 0.97 and idx.nprobe > 8  # 8 lists were not enough
+    assert calib["recall_by_nprobe"][str(idx.nprobe)] >= RECALL_TARGET and idx.nprobe > 8  # 8 lists were not enough
     assert compare_with_exact(idx, test, k=10) >= 0.95
 
 
@@ -253,7 +274,7 @@ def test_ivfpq_under_memory_budget(tmp_path, cifar):
 def test_hnsw_recall(cifar):
     train, test = cifar
     idx = build_index(derived(train, 3000), kind="hnsw", progress=False)
-    assert idx.info["hnsw_M"] == 32 and idx.faiss.hnsw.efSearch >= 64
+    assert idx.info["hnsw_M"] == 32 and idx.faiss.hnsw.efSearch == idx.info["ef_search"] >= 16
     assert compare_with_exact(idx, test, k=10) >= 0.95
 
 
@@ -265,8 +286,8 @@ def test_auto_index_on_real_cifar10():
     queries.samples = queries.samples[:1000]
     tr, te = (decode_all(src, 32, progress=False).images for src in (open_source(root, "train"), queries))
     train, test = pixel_pca(tr, [te], 128)
-    idx = build_index(train, progress=False)  # nprobe calibrated on database rows: real data, no copies
-    assert idx.kind == "ivf" and len(idx) >= 50_000
+    idx = build_index(train, progress=False)  # efSearch calibrated on database rows: real data, no copies
+    assert idx.kind == "hnsw" and len(idx) >= 50_000
     assert compare_with_exact(idx, test, k=10) >= 0.95, idx.info
 
 

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .sources import DataError, Sample, Source
+from .sources import DataError, Sample, Source, captions_of
 
 log = logging.getLogger("sslhub.data")
 Image.MAX_IMAGE_PIXELS = 200_000_000  # decompression-bomb guard; 20 MP photos are fine
@@ -121,13 +121,14 @@ def collate_skip(items):
 
 @dataclass
 class DecodedImages:
-    """A whole source decoded into memory: ``images (N, 3, S, S) uint8``, ``labels (N,)``."""
+    """A whole source decoded into memory: ``images (N, 3, S, S) uint8``, ``labels (N,)``, the captions."""
 
     images: torch.Tensor
     labels: torch.Tensor
     keys: list[str]
     classes: list[str] | None
     skipped: list[str]
+    texts: list[list[str]] | None = None  # the non-empty captions of each image (image–text data)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -154,8 +155,10 @@ def decode_all(source: Source, size: int, num_workers: int = 0, progress: bool =
         log.warning("%s: skipped %d unreadable sample(s): %s", source.spec, len(skipped), shown)
     if not keep.any():
         raise DataError(f"{source.spec}: none of the {len(ds)} images could be decoded (first: {skipped[0]})")
-    keys = [s.key for s, k in zip(source.samples, keep.tolist()) if k]
-    return DecodedImages(images[keep], labels[keep], keys, source.classes, skipped)
+    kept = [s for s, k in zip(source.samples, keep.tolist()) if k]
+    texts = [captions_of(s) for s in kept]
+    return DecodedImages(images[keep], labels[keep], [s.key for s in kept], source.classes, skipped,
+                         texts if any(texts) else None)
 
 
 @dataclass

@@ -7,13 +7,16 @@ path, an integer label or -1, an optional caption) and the class names when know
 - a folder of ``*.tar`` / ``*.tar.gz`` shards (those starting with ``{split}-`` if any do);
 - a shard file, or a brace pattern such as ``data/train-{00000..00004}.tar.gz``;
 - an ImageFolder tree (``root/<class>/<image>``): labels from sorted class folder names;
-- a flat folder of images (no labels).
+- a flat folder of images (no labels);
+- a CSV of image–text pairs with a header naming ``filepath`` and ``caption`` columns (open_clip's
+  ``--csv-img-key`` / ``--csv-caption-key`` layout; relative paths are relative to the CSV file).
 
 Shards hold ``<key>.jpg|png|webp`` plus optional ``<key>.cls`` (class index), ``<key>.txt``
 (caption) and ``<key>.json``.  A shard is read whole into memory (encoded bytes, not pixels).
 """
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import tarfile
@@ -151,6 +154,8 @@ def open_source(spec: str | Path, split: str = "train") -> Source:
         shards, classes = [p], _classes_from_json(p.parent)
     elif p.is_file() and p.suffix.lower() in IMAGE_EXTS:
         return Source(spec, [Sample(key=str(p), path=str(p))])
+    elif p.is_file() and p.suffix.lower() in (".csv", ".tsv"):
+        return _non_empty(_read_csv(p, skipped))
     else:
         shards = [Path(s) for pat in braceexpand(spec) for s in (sorted(glob.glob(pat)) or [pat])]
         if not any(_is_shard(s) for s in shards):
@@ -164,6 +169,62 @@ def open_source(spec: str | Path, split: str = "train") -> Source:
     for shard in shards:
         samples.extend(_read_shard(shard, skipped))
     return _non_empty(Source(spec, samples, classes, skipped))
+
+
+CSV_IMAGE_KEY, CSV_CAPTION_KEY = "filepath", "caption"
+
+
+def _read_csv(path: Path, skipped: list[str]) -> Source:
+    """``filepath,caption`` rows → samples (a missing file or empty caption is skipped and counted)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            columns = reader.fieldnames or []
+            missing = [c for c in (CSV_IMAGE_KEY, CSV_CAPTION_KEY) if c not in columns]
+            if missing:
+                raise DataError(f"{path}: no {' and no '.join(repr(c) for c in missing)} column (header: "
+                                f"{', '.join(columns) or 'empty'}); the first line must name the columns, "
+                                f"e.g. '{CSV_IMAGE_KEY},{CSV_CAPTION_KEY}'")
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: not a readable CSV file ({e})") from None
+    samples = []
+    for line, row in enumerate(rows, start=2):
+        where = f"{path.name}:{line}"
+        image = (row.get(CSV_IMAGE_KEY) or "").strip()
+        if not image:
+            skipped.append(f"{where}: empty {CSV_IMAGE_KEY}")
+            continue
+        file = Path(image) if Path(image).is_absolute() else path.parent / image
+        if not file.is_file():
+            skipped.append(f"{where}: {file} not found")
+            continue
+        samples.append(Sample(key=f"{where}:{image}", path=str(file), text=row.get(CSV_CAPTION_KEY) or ""))
+    return Source(str(path), samples, None, skipped)
+
+
+def captions_of(sample: Sample) -> list[str]:
+    """The non-empty captions of a sample: ``.json`` ``captions`` (Flickr/COCO style) or the ``.txt``."""
+    caps = (sample.meta or {}).get("captions") if isinstance(sample.meta, dict) else None
+    if not isinstance(caps, list):
+        caps = [sample.text] if sample.text is not None else []
+    return [c.strip() for c in caps if isinstance(c, str) and c.strip()]
+
+
+def with_captions(src: Source) -> Source:
+    """Keep the samples that have at least one non-empty caption; the others are skipped and counted."""
+    kept = []
+    for s in src.samples:
+        if captions_of(s):
+            kept.append(s)
+        else:
+            has = (s.meta or {}).get("captions") if isinstance(s.meta, dict) else s.text
+            src.skipped.append(f"{s.key}: {'empty caption' if has is not None else 'no caption (.txt or .json captions)'}")
+    if not kept:
+        raise DataError(f"{src.spec}: no sample has a caption ({len(src.samples)} samples; first: "
+                        f"{src.skipped[-1] if src.skipped else '-'}): image–text training needs .txt or .json "
+                        "'captions' per image in shards, or a filepath,caption CSV")
+    return Source(src.spec, kept, src.classes, src.skipped)
 
 
 def _non_empty(src: Source) -> Source:

@@ -2,6 +2,8 @@
 
     folder/open_clip_config.json        {"model_cfg": {...}, "preprocess_cfg": {...}}
     folder/open_clip_model.safetensors
+    folder/text_config/config.json      (optional) the config of a transformers text tower, so that a
+                                        model whose text_cfg names a Hub model builds offline
 
 Images go through ``model.encode_image``, text through the model's tokenizer and its text tower.
 For open_clip's standard ``CLIP`` text tower the text is encoded *trimmed*: the tokenizer pads every
@@ -23,6 +25,8 @@ from torch import nn
 
 from ..loading import Encoder, LoadError, read_json
 from .hub import download_error, is_network_error, network_guard
+
+TEXT_CONFIG_DIR = "text_config"  # a transformers text tower's config.json, beside open_clip_config.json
 
 
 def trim_unsupported_reason(model: nn.Module) -> str | None:
@@ -137,7 +141,14 @@ def load_open_clip_folder(folder: Path, name: str) -> OpenClipEncoder:
         raise LoadError(f"{name}: open_clip_config.json has no model_cfg with embed_dim (expected "
                         '{"model_cfg": {...}, "preprocess_cfg": {...}})')
     spec = f"local-dir:{folder.resolve()}"
-    model, _, preprocess = _build(lambda: open_clip.create_model_and_transforms(spec), name, local=True)
+    overrides = {}
+    text_cfg = config["model_cfg"].get("text_cfg", {})
+    if text_cfg.get("hf_model_name") and (folder / TEXT_CONFIG_DIR / "config.json").is_file():
+        # A transformers text tower (sslhub's CLIP exports): its config travels in the folder, so the
+        # tower is built offline; the weights come from open_clip_model.safetensors as usual.
+        overrides["text_cfg"] = {**text_cfg, "hf_model_name": str((folder / TEXT_CONFIG_DIR).resolve()),
+                                 "hf_model_pretrained": False}
+    model, _, preprocess = _build(lambda: open_clip.create_model_and_transforms(spec, **overrides), name, local=True)
     tokenizer = _build(lambda: open_clip.get_tokenizer(spec), name, local=True)
     return OpenClipEncoder(model, preprocess, tokenizer, config["model_cfg"]["embed_dim"], name, config)
 

@@ -1,2 +1,2 @@
 """Built-in methods.  Importing this package registers each one (one import line per method)."""
-from . import rotation, simclr  # noqa: F401
+from . import clip, rotation, simclr  # noqa: F401

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from pathlib import Path
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
 
 from ..data.augment import BatchAugment, ViewConfig
 from ..encoder import Backbone
+from ..recipe import EncoderConfig
 
 
 @dataclass
@@ -43,11 +45,23 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     Config: ClassVar[type] = MethodConfig
     paper: ClassVar[str] = ""  # "Author et al. YEAR, https://arxiv.org/abs/…", shown by `sslhub methods`
+    needs_text: ClassVar[bool] = False  # image–text methods: every training image needs a caption
 
     def __init__(self, backbone: Backbone, cfg: MethodConfig):
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg
+
+    @classmethod
+    def create(cls, encoder: EncoderConfig, cfg: MethodConfig) -> "Method":
+        """Build the method for the recipe's ``encoder`` block (default: a timm :class:`Backbone`)."""
+        return cls(Backbone(encoder), cfg)
+
+    def export(self, folder: str | Path, info: dict[str, Any]) -> Path:
+        """Write the trained encoder as a loadable folder (default: timm layout, ``sslhub.export``)."""
+        from ..export import export_encoder
+
+        return export_encoder(self.backbone, folder, info)
 
     def view_pipeline(self, views: ViewConfig) -> BatchAugment:
         """Batched augmentation for ``views``, normalised with the encoder's own mean and std."""

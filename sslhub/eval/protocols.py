@@ -1,0 +1,92 @@
+"""Evaluations on a loaded :class:`~sslhub.loading.Encoder`, shared by the CLI and the trainer.
+
+Each takes an encoder and a data spec (anything ``open_source`` reads) and returns a JSON-able dict:
+k-NN on frozen features, zero-shot classification with prompt templates, image↔text retrieval.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+
+def decode_size(enc) -> int:
+    """The size to decode images at: the one the encoder centre-crops from (its preprocessing does the rest)."""
+    return int(enc.image_size / getattr(enc, "crop_pct", 1.0))
+
+
+def decode(enc, spec: str, split: str, workers: int = 2, what: str = "images", progress: bool = True):
+    from ..data.images import decode_all
+    from ..data.sources import open_source
+
+    return decode_all(open_source(spec, split), decode_size(enc), workers, progress=progress, desc=f"decoding {what}")
+
+
+def features(enc, data, progress: bool = True) -> torch.Tensor:
+    """L2-normalised image embeddings ``(N, D)`` of decoded uint8 images."""
+    return enc.embed_images(data.images, batch_size=256, normalize=True, progress=progress)
+
+
+def knn(enc, bank: str, bank_split: str, test: str, test_split: str, ks: Sequence[int] = (20, 200),
+        temperature: float = 0.07, workers: int = 2, progress: bool = True) -> dict:
+    """Weighted k-NN top-1/top-5 (%) of ``test`` against the labelled ``bank`` (see ``eval.knn``)."""
+    from .knn import knn_eval
+
+    b = decode(enc, bank, bank_split, workers, "bank", progress)
+    t = decode(enc, test, test_split, workers, "test", progress)
+    res = knn_eval(features(enc, b, progress), b.labels, features(enc, t, progress), t.labels, ks=tuple(ks),
+                   temperature=temperature)
+    return {**res, "bank": bank, "test": test}
+
+
+def read_templates(templates: str | Sequence[str]) -> str | list[str]:
+    """A template-set name, a file with one template per line, or a list of templates."""
+    if isinstance(templates, str) and Path(templates).is_file():
+        return [t for t in Path(templates).read_text().splitlines() if t.strip()]
+    return templates
+
+
+def zeroshot(enc, data: str, split: str = "test", templates: str | Sequence[str] = "default",
+             classes: Sequence[str] | None = None, workers: int = 2, progress: bool = True) -> dict:
+    """Zero-shot top-1/top-5/mean per-class recall on labelled ``data``, plus the prompt check.
+
+    ``classes`` default to the data's own class names (``dataset.json`` or ImageFolder folders).
+    """
+    from ..zeroshot import ZeroShotClassifier, check_labels
+
+    test = decode(enc, data, split, workers, "test", progress)
+    names = list(classes or test.classes or [])
+    if not names:
+        raise ValueError(f"{data}: no class names found (no dataset.json 'classes', not an ImageFolder): "
+                         "give the class names explicitly")
+    clf = ZeroShotClassifier(enc, names, templates=read_templates(templates))
+    metrics = clf.evaluate(test.images, test.labels, batch_size=256)
+    return {"data": data, "split": split, "classes": len(names), "templates": len(clf.templates),
+            "template_set": templates if isinstance(templates, str) else "custom", **metrics,
+            "prompt_check": check_labels(enc, names, clf.templates)}
+
+
+def image_text_pairs(enc, data: str, split: str, workers: int = 2, progress: bool = True):
+    """Decoded images, all their captions ``(M,)`` and the image each caption belongs to ``(M,)``."""
+    from ..data.sources import DataError
+
+    decoded = decode(enc, data, split, workers, "images", progress)
+    if decoded.texts is None or not all(decoded.texts):
+        missing = next((k for k, t in zip(decoded.keys, decoded.texts or [[]] * len(decoded)) if not t), "?")
+        raise DataError(f"{missing}: no caption (.txt or .json 'captions'): retrieval needs image–text pairs")
+    captions = [c for caps in decoded.texts for c in caps]
+    owner = torch.tensor([i for i, caps in enumerate(decoded.texts) for _ in caps])
+    return decoded, captions, owner
+
+
+def retrieval(enc, data: str, split: str = "test", ks: Sequence[int] = (1, 5, 10), workers: int = 2,
+              progress: bool = True) -> dict:
+    """Image→text and text→image recall@k (%) over every image and caption of ``data`` (Flickr/COCO protocol)."""
+    from ..retrieval import image_text_retrieval
+
+    decoded, captions, owner = image_text_pairs(enc, data, split, workers, progress)
+    img = features(enc, decoded, progress)
+    txt = enc.embed_text(captions, normalize=True, progress=progress)
+    return {"data": data, "split": split, "images": len(decoded), "captions": len(captions),
+            **image_text_retrieval(img, txt, owner, ks=tuple(ks))}
