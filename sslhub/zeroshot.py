@@ -72,8 +72,8 @@ class _ClassMatrixClassifier:
     def __init__(self, encoder):
         self.encoder = encoder
 
-    def logits(self, images, batch_size: int = 64) -> torch.Tensor:
-        feats = self.encoder.embed_images(images, batch_size=batch_size, normalize=True)  # (N, D)
+    def logits(self, images, batch_size: int = 64, progress: bool | None = None) -> torch.Tensor:
+        feats = self.encoder.embed_images(images, batch_size=batch_size, normalize=True, progress=progress)  # (N, D)
         return self.scale * feats @ self.weights.T  # (N, C)
 
     def predict_proba(self, images, batch_size: int = 64) -> torch.Tensor:
@@ -85,8 +85,10 @@ class _ClassMatrixClassifier:
         idx = self.logits(images, batch_size).topk(min(k, len(self.classnames)), dim=-1).indices
         return idx, [[self.classnames[j] for j in row] for row in idx.tolist()]
 
-    def evaluate(self, images, labels: torch.Tensor, batch_size: int = 64) -> dict[str, float]:
-        return _scores_to_metrics(self.logits(images, batch_size), torch.as_tensor(labels))
+    def evaluate(self, images, labels: torch.Tensor, batch_size: int = 64,
+                 progress: bool | None = None) -> dict[str, float]:
+        """Top-1, top-5 and mean per-class recall (%) on labelled images."""
+        return _scores_to_metrics(self.logits(images, batch_size, progress), torch.as_tensor(labels))
 
 
 class ZeroShotClassifier(_ClassMatrixClassifier):
@@ -140,14 +142,15 @@ def build_class_matrix(encoder, classnames: Sequence[str], templates: Sequence[s
 
 
 def check_labels(encoder, classnames: Sequence[str], templates: Union[str, Sequence[str], None] = "default",
-                 threshold: float = 0.9) -> list[dict]:
+                 threshold: float = 0.9, weights: torch.Tensor | None = None) -> list[dict]:
     """Pairs of labels the text tower can hardly tell apart, most similar first, with a suggestion.
 
     Two class embeddings with cosine similarity ≥ ``threshold`` are likely to be confused: the
-    image has to be much closer to one than the other for zero-shot to pick right.
+    image has to be much closer to one than the other for zero-shot to pick right. ``weights``: the
+    class matrix ``(C, D)`` when already built (e.g. ``ZeroShotClassifier.weights``).
     """
     names = check_classnames(classnames)
-    w = build_class_matrix(encoder, names, resolve_templates(templates))
+    w = weights if weights is not None else build_class_matrix(encoder, names, resolve_templates(templates))
     sim = w @ w.T
     warnings = []
     for i in range(len(names)):

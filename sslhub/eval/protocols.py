@@ -60,11 +60,11 @@ def zeroshot(enc, data: str, split: str = "test", templates: str | Sequence[str]
     if not names:
         raise ValueError(f"{data}: no class names found (no dataset.json 'classes', not an ImageFolder): "
                          "give the class names explicitly")
-    clf = ZeroShotClassifier(enc, names, templates=read_templates(templates))
-    metrics = clf.evaluate(test.images, test.labels, batch_size=256)
+    clf = ZeroShotClassifier(enc, names, templates=read_templates(templates), progress=progress)
+    metrics = clf.evaluate(test.images, test.labels, batch_size=256, progress=progress)
     return {"data": data, "split": split, "classes": len(names), "templates": len(clf.templates),
             "template_set": templates if isinstance(templates, str) else "custom", **metrics,
-            "prompt_check": check_labels(enc, names, clf.templates)}
+            "prompt_check": check_labels(enc, names, clf.templates, weights=clf.weights)}
 
 
 def image_text_pairs(enc, data: str, split: str, workers: int = 2, progress: bool = True):
