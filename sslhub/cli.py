@@ -11,6 +11,7 @@ Examples:
   sslhub eval retrieval --model OPEN_CLIP_FOLDER --data ../shared/data/flickr8k --split test
   sslhub index build --model M --data DATA --out runs/index && sslhub index search --index runs/index --text "a dog"
   sslhub demo OPEN_CLIP_FOLDER --data data/flickr8k-sample          # Gradio demo on http://127.0.0.1:7860
+  sslhub push runs/simclr/export my-org/simclr-r18 --private      # then load_encoder("hf-hub:my-org/simclr-r18")
 """
 from __future__ import annotations
 
@@ -147,11 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=C.index_search)
 
     ph = sub.add_parser("push", help="publish a model folder on the Hugging Face Hub (safetensors + card)",
-                        description="Example: sslhub push runs/simclr/export my-org/simclr-r18 --private. The "
-                                    "endpoint and token are huggingface_hub's: HF_ENDPOINT, HF_TOKEN or `hf auth login`.")
+                        description="Example: sslhub push runs/simclr/export my-org/simclr-r18 --private. The endpoint "
+                                    "and token are huggingface_hub's: HF_ENDPOINT, HF_TOKEN or `hf auth login`.")
     ph.add_argument("folder", help="an sslhub export, or a timm / open_clip / transformers model folder")
     ph.add_argument("repo", metavar="ORG/NAME", help="the Hub repo (created if needed)")
-    ph.add_argument("--private", action="store_true", help="create the repo private (an existing one keeps its visibility)")
+    ph.add_argument("--private", action="store_true",
+                    help="create the repo private (an existing one keeps its visibility)")
     ph.add_argument("--revision", metavar="BRANCH", help="push to this branch (created from main if new)")
     ph.add_argument("--message", metavar="MSG", help="commit message")
     ph.set_defaults(func=_push)

@@ -3,7 +3,9 @@
 huggingface_hub retries an unreachable host with back-off (about 45 s before it gives up), so before a
 download we probe the endpoint once (``PROBE_TIMEOUT_S``); when it cannot be reached the library is put
 in offline mode for that call: weights already in the cache still load, anything else fails at once.
-Every failure becomes a :class:`LoadError` that says how to load a local folder instead.
+A snapshot is fetched at the commit whose file list was checked (no pickle-only repo, no file name that
+could escape the cache), and the branch's commit is recorded in the cache, so the same name loads again
+without a network. Every failure becomes a :class:`LoadError` that says what to do.
 """
 from __future__ import annotations
 
@@ -34,11 +36,19 @@ def parse_hub_id(spec: str, name: str = "") -> tuple[str, str | None]:
     if len(parts) != 2 or not all(parts) or (at and not revision):
         raise LoadError(f"{what}: expected hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION "
                         "(a branch, tag or commit), e.g. hf-hub:timm/resnet50.a1_in1k@main")
+    if at and unsafe_name(revision):
+        raise LoadError(f"{what}: {revision!r} is not a revision name (no '..', '.' or empty parts, no "
+                        "leading '/'); give a branch, tag or commit, e.g. @main or @v1.0")
     try:
         validate_repo_id(repo)
     except HFValidationError as e:
         raise LoadError(f"{what}: {repo!r} is not a valid Hub repo id ({e})") from None
     return repo, revision or None
+
+
+def unsafe_name(path: str) -> bool:
+    """A repo path that could point outside its folder: absolute, a backslash, or a '..'/'.'/empty part."""
+    return path.startswith("/") or "\\" in path or any(part in ("", ".", "..") for part in path.split("/"))
 
 
 def _reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
@@ -98,34 +108,66 @@ def download_error(name: str, e: BaseException, net: dict | None = None) -> Load
         "Weights already in the Hugging Face cache load with HF_HUB_OFFLINE=1.")
 
 
+def _remember_ref(snapshot: Path, revision: str) -> None:
+    """Record ``revision`` → this snapshot's commit in the cache's ``refs/`` folder.
+
+    The snapshot is fetched by commit sha (the one whose file list was checked), and huggingface_hub only
+    records a branch's commit when it is asked for the branch itself; this writes the same file it would
+    (the cache layout is documented: ``refs/<revision>`` holds the commit), so ``hf-hub:ORG/NAME[@BRANCH]``
+    loads from the cache later without a network.
+    """
+    ref = snapshot.parent.parent / "refs" / revision
+    if revision == snapshot.name or snapshot.parent.name != "snapshots" or (
+            ref.is_file() and ref.read_text() == snapshot.name):
+        return  # a commit needs no ref; not huggingface_hub's cache layout; or already recorded
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ref.with_name(f".{ref.name}.tmp")
+    tmp.write_text(snapshot.name)
+    tmp.replace(ref)
+
+
 def fetch_snapshot(spec: str, name: str) -> Path:
     """Download (or find in the cache) the files of ``hf-hub:ORG/NAME[@REV]`` that a loader may read."""
-    from huggingface_hub import HfApi, constants, snapshot_download
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub import HfApi, constants, get_token, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     repo, revision = parse_hub_id(spec, name)
-    net = None
+    requested, net = revision, None
     try:
         with network_guard() as net:
             if not constants.is_offline_mode():
                 info = HfApi().model_info(repo, revision=revision, timeout=ETAG_TIMEOUT_S)
                 files = [s.rfilename for s in info.siblings or []]
+                unsafe = sorted(f for f in files if unsafe_name(f))
+                if unsafe:
+                    raise LoadError(f"{name}: the repo lists unsafe file names ({', '.join(map(repr, unsafe[:3]))})"
+                                    ": a path with a '..' part or an absolute one could write outside the cache, "
+                                    "so nothing is downloaded from it")
                 pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
                 if pickles and not any(f.endswith(".safetensors") for f in files):
                     raise pickle_error(name, pickles, "model.safetensors")
                 revision = info.sha or revision
-            path = snapshot_download(repo, revision=revision, allow_patterns=ALLOW_PATTERNS,
-                                     etag_timeout=ETAG_TIMEOUT_S)
+            path = Path(snapshot_download(repo, revision=revision, allow_patterns=ALLOW_PATTERNS,
+                                          etag_timeout=ETAG_TIMEOUT_S))
+            _remember_ref(path, requested or "main")
     except LoadError:
         raise
     except RevisionNotFoundError:
         raise LoadError(f"{name}: the repo {repo} has no revision {revision!r} "
                         "(give a branch, tag or commit)") from None
     except RepositoryNotFoundError:
-        raise LoadError(f"{name}: no model repo {repo} on {constants.ENDPOINT} (or it is private/gated: "
-                        "log in with `hf auth login`)") from None
+        why = ("no token was sent: set HF_TOKEN or run `hf auth login`" if not get_token() else
+               "the token sent (HF_TOKEN or `hf auth login`) does not give access to it")
+        raise LoadError(f"{name}: no model repo {repo} on {constants.ENDPOINT}, or it is private or gated and "
+                        f"{why}") from None
+    except HfHubHTTPError as e:
+        if e.response.status_code in (401, 403):
+            raise LoadError(f"{name}: {constants.ENDPOINT} refused the request ({e.response.status_code}: "
+                            f"{e.server_message or 'access denied'}); check the token in HF_TOKEN or "
+                            "`hf auth login`") from None
+        raise download_error(name, e, net) from e
     except Exception as e:
         if is_network_error(e):
             raise download_error(name, e, net) from e
         raise
-    return Path(path)
+    return path
