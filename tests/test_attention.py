@@ -1,0 +1,94 @@
+"""``sslhub.attention``: the last block's class-token attention, against a computation written out here.
+
+The reference runs the model's token pipeline up to the last block, then computes softmax(q kᵀ / √d)
+from the block's own projection weights by hand; ``attention_heads`` (a pre-hook during
+``embed_images`` plus a recomputation) must match it for timm ViTs (with and without register tokens,
+saved and reloaded through ``load_encoder``) and for open_clip ViT towers.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sslhub import load_encoder
+from sslhub.attention import AttentionUnsupported, attention_heads, attention_map, input_region, num_heads, overlay
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "demos" / "examples" / "dog-snow.jpg"
+
+
+def _cls_attention(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, heads: int,
+                   prefix: int) -> np.ndarray:
+    """``tokens (1, N, C)`` (the attention's normalised input) → ``(heads, N - prefix)`` class-token rows."""
+    n, c = tokens.shape[1], tokens.shape[2]
+    qkv = tokens[0] @ weight.T + (bias if bias is not None else 0)  # (N, 3C): q, k, v side by side
+    q = qkv[:, :c].reshape(n, heads, c // heads).transpose(0, 1)  # (h, N, d)
+    k = qkv[:, c : 2 * c].reshape(n, heads, c // heads).transpose(0, 1)
+    scores = (q @ k.transpose(1, 2)) / math.sqrt(c // heads)  # (h, N, N)
+    return scores.softmax(-1)[:, 0, prefix:].numpy()
+
+
+@pytest.fixture(scope="module")
+def image():
+    return Image.open(EXAMPLE).convert("RGB").crop((0, 10, 128, 110))  # not square: exercises the crop
+
+
+@pytest.mark.parametrize("reg_tokens", [0, 4])
+def test_timm_vit_matches_manual(tmp_path, image, reg_tokens):
+    import timm
+
+    torch.manual_seed(0)
+    args = dict(img_size=32, patch_size=8, depth=2, reg_tokens=reg_tokens, num_classes=0)
+    timm.models.save_for_hf(timm.create_model("vit_tiny_patch16_224", pretrained=False, **args).eval(),
+                            str(tmp_path), model_args=args, safe_serialization=True)
+    enc = load_encoder(tmp_path)  # a timm Hub-layout folder
+    vit = enc.model
+    with torch.no_grad():
+        t = vit.norm_pre(vit._pos_embed(vit.patch_embed(enc.preprocess(image)[None])))  # (1, 1 + regs + 16, C)
+        for block in vit.blocks[:-1]:
+            t = block(t)
+        last = vit.blocks[-1]
+        ref = _cls_attention(last.norm1(t), last.attn.qkv.weight, last.attn.qkv.bias, 3, 1 + reg_tokens)
+    heads = attention_heads(enc, image)
+    assert heads.shape == (3, 4, 4) and num_heads(enc) == 3
+    np.testing.assert_allclose(heads.reshape(3, -1), ref, atol=1e-6)
+    np.testing.assert_allclose(attention_map(enc, image), ref.mean(0).reshape(4, 4), atol=1e-6)
+    np.testing.assert_allclose(attention_map(enc, image, head=2), ref[2].reshape(4, 4), atol=1e-6)
+    with pytest.raises(ValueError, match="head must be in 0..2"):
+        attention_map(enc, image, head=3)
+
+
+def test_open_clip_vit_matches_manual(open_clip_folder, image):
+    enc = load_encoder(open_clip_folder[0])
+    visual = enc.model.visual
+    with torch.no_grad():
+        t = visual._embeds(enc.preprocess(image)[None])  # (1, 1 + 16, W) after ln_pre
+        for block in visual.transformer.resblocks[:-1]:
+            t = block(t)
+        last = visual.transformer.resblocks[-1]
+        ref = _cls_attention(last.ln_1(t), last.attn.in_proj_weight, last.attn.in_proj_bias, 2, 1)
+    heads = attention_heads(enc, image)
+    assert heads.shape == (2, 4, 4)
+    np.testing.assert_allclose(heads.reshape(2, -1), ref, atol=1e-6)
+
+
+def test_not_a_vit_is_refused():
+    enc = load_encoder("timm:resnet18", pretrained=False)
+    with pytest.raises(AttentionUnsupported, match="need a vision transformer; .* is a ResNet"):
+        attention_map(enc, Image.new("RGB", (40, 40)))
+
+
+def test_region_and_overlay(open_clip_folder, image):
+    enc = load_encoder(open_clip_folder[0])  # resize the short side to 32, centre crop 32×32, crop_pct 1
+    region = input_region(enc, image)
+    assert region.size == (100, 100)  # the central 100×100 of the 128×100 image
+    assert np.array_equal(np.asarray(region), np.asarray(image)[:, 14:114])
+    attn = np.zeros((4, 4), np.float32)
+    attn[0, 0] = 1.0
+    out = np.asarray(overlay(region, attn, alpha=1.0)).astype(int)
+    assert out.shape == (100, 100, 3)
+    assert out[0, 0].tolist() == [252, 255, 164] and out[-1, -1].tolist() == [0, 0, 4]  # the ramp's two ends
