@@ -142,8 +142,9 @@ def main() -> None:
            "loadavg_before_after": [round(load_before, 2), round(load_after, 2)]}
     body = "\n".join([
         f"Machine: {_cpu_name()}, {os.cpu_count()} cores, {platform.python_implementation()} "
-        f"{platform.python_version()}; shared with other jobs during the run (1-minute load average "
-        f"{load_before:.1f} before, {load_after:.1f} after), so absolute latencies are pessimistic.",
+        f"{platform.python_version()}; 1-minute load average {load_before:.1f} before the run (above 0: other "
+        f"jobs shared the machine, and latencies are pessimistic) and {load_after:.1f} at its end (this run's "
+        "server and client threads included).",
         f"Command: `python bench/demo_load.py --arch {args.arch} --clients {args.clients} --requests "
         f"{args.requests}`; server: `sslhub demo` (queue: 2 computed at once, 64 waiting at most) with open_clip "
         f"`{args.arch}` (random weights) over data/flickr8k-sample (test split, 100 images); each request uploads "

@@ -8,8 +8,10 @@ image), and every bad input must come back as its message while the next request
 """
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
 import shutil
 import socket
 import struct
@@ -54,8 +56,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-
-
 def top_k(emb: torch.Tensor, query: torch.Tensor, k: int) -> tuple[list[int], list[float]]:
     scores, rows = (emb @ query[0]).topk(k)
     return rows.tolist(), scores.tolist()
@@ -98,25 +98,17 @@ def uploads(tmp_path_factory) -> SimpleNamespace:
     (d / "notes.jpg").write_text("this is text, not a JPEG")
     (d / "truncated.jpg").write_bytes(DOG.read_bytes()[:1500])
     Image.open(DOG).resize((5472, 3648), Image.BILINEAR).save(d / "big.jpg", quality=80)  # 20.0 MP
-    png = bytearray(_png(8, 8))
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, "PNG")
+    png = bytearray(buf.getvalue())
     ihdr = struct.pack(">II", 10_000, 10_000) + png[24:29]  # claim 10000×10000 in the header, keep the rest
     png[16:33] = ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
     (d / "huge.png").write_bytes(bytes(png))
     return SimpleNamespace(**{p.stem: str(p) for p in d.iterdir()})
 
 
-def _png(w: int, h: int) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), (200, 30, 30)).save(buf, "PNG")
-    return buf.getvalue()
-
-
 # ------------------------------------------------------------------------------------------- gradio_client
 def test_serves_localhost_without_share_link(clip):
-    import os
-
     assert clip.demo.server_name == "127.0.0.1" and not clip.demo.share
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False" and clip.demo.analytics_enabled is False
     api = clip.client.view_api(return_format="dict", print_info=False)["named_endpoints"]
