@@ -11,7 +11,7 @@ the patch grid ``(gh, gw) = (S / patch, S / patch)`` of the model's input crop; 
 part of the image that crop shows, so a map upsampled onto it lines up.
 
 Supported: timm ``VisionTransformer`` models (timm folders, ``timm:`` names, sslhub exports of a timm
-ViT) and open_clip ViT image towers. The input of the last block's attention is captured with a
+ViT, open_clip towers built on a timm ViT trunk) and open_clip's own ViT image towers. The input of the last block's attention is captured with a
 forward pre-hook during an ordinary ``encoder.embed_images`` call, then the attention weights are
 recomputed from it with the block's own projections. The hook records only the calling thread's
 forward, so a served model can answer other requests meanwhile.
@@ -31,8 +31,8 @@ from .data.images import open_image, to_rgb
 
 ImageLike = Union[str, Path, Image.Image]
 
-SUPPORTED = ("timm VisionTransformer models (timm folders, timm: names, sslhub exports of a timm ViT) and "
-             "open_clip ViT image towers")
+SUPPORTED = ("timm VisionTransformer models (timm folders, timm: names, sslhub exports of a timm ViT, open_clip "
+             "towers on a timm ViT trunk) and open_clip's own ViT image towers")
 
 
 class AttentionUnsupported(TypeError):
@@ -67,7 +67,9 @@ def _find_vit(encoder) -> _Vit:
     from timm.models.vision_transformer import VisionTransformer
 
     model = encoder.model
-    towers = [model, getattr(model, "model", None), getattr(model, "visual", None)]  # timm, sslhub Backbone, CLIP
+    visual = getattr(model, "visual", None)
+    # timm; an sslhub Backbone; an open_clip tower; open_clip's TimmModel tower (a timm trunk)
+    towers = [model, getattr(model, "model", None), visual, getattr(visual, "trunk", None)]
     for net in towers:
         if isinstance(net, VisionTransformer):
             attn = net.blocks[-1].attn
@@ -78,14 +80,13 @@ def _find_vit(encoder) -> _Vit:
                 raise AttentionUnsupported(f"the last block's attention is timm's {type(attn).__name__}, "
                                            f"not the standard Attention; supported: {SUPPORTED}")
             return _Vit(attn, int(net.num_prefix_tokens), tuple(net.patch_embed.patch_size), "timm")
-    visual = getattr(model, "visual", None)
     if visual is not None and hasattr(visual, "transformer") and hasattr(visual, "class_embedding"):
         attn = visual.transformer.resblocks[-1].attn
         if not isinstance(attn, nn.MultiheadAttention):
             raise AttentionUnsupported(f"the open_clip tower's last block uses {type(attn).__name__}, not "
                                        f"nn.MultiheadAttention; supported: {SUPPORTED}")
         return _Vit(attn, 1, tuple(visual.patch_size), "open_clip")
-    inner = next((n for n in towers if n is not None and n is not model), model)
+    inner = next((n for n in reversed(towers) if n is not None), model)  # the innermost network found
     raise AttentionUnsupported(f"attention maps need a vision transformer; {encoder.name or 'this encoder'} "
                                f"({encoder.kind}) is a {type(inner).__name__}. Supported: {SUPPORTED}")
 

@@ -3,10 +3,12 @@
 The reference runs the model's token pipeline up to the last block, then computes softmax(q kᵀ / √d)
 from the block's own projection weights by hand; ``attention_heads`` (a pre-hook during
 ``embed_images`` plus a recomputation) must match it for timm ViTs (with and without register tokens,
-saved and reloaded through ``load_encoder``) and for open_clip ViT towers.
+saved and reloaded through ``load_encoder``), for open_clip towers on a timm ViT trunk, and for
+open_clip's own ViT towers.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -32,6 +34,16 @@ def _cls_attention(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return scores.softmax(-1)[:, 0, prefix:].numpy()
 
 
+def _timm_reference(vit, x: torch.Tensor, heads: int) -> np.ndarray:
+    """A timm ViT's token pipeline up to its last block, then ``_cls_attention`` from that block's qkv weights."""
+    with torch.no_grad():
+        t = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))  # (1, prefix + patches, C)
+        for block in vit.blocks[:-1]:
+            t = block(t)
+        last = vit.blocks[-1]
+        return _cls_attention(last.norm1(t), last.attn.qkv.weight, last.attn.qkv.bias, heads, vit.num_prefix_tokens)
+
+
 @pytest.fixture(scope="module")
 def image():
     return Image.open(EXAMPLE).convert("RGB").crop((0, 10, 128, 110))  # not square: exercises the crop
@@ -46,13 +58,8 @@ def test_timm_vit_matches_manual(tmp_path, image, reg_tokens):
     timm.models.save_for_hf(timm.create_model("vit_tiny_patch16_224", pretrained=False, **args).eval(),
                             str(tmp_path), model_args=args, safe_serialization=True)
     enc = load_encoder(tmp_path)  # a timm Hub-layout folder
-    vit = enc.model
-    with torch.no_grad():
-        t = vit.norm_pre(vit._pos_embed(vit.patch_embed(enc.preprocess(image)[None])))  # (1, 1 + regs + 16, C)
-        for block in vit.blocks[:-1]:
-            t = block(t)
-        last = vit.blocks[-1]
-        ref = _cls_attention(last.norm1(t), last.attn.qkv.weight, last.attn.qkv.bias, 3, 1 + reg_tokens)
+    assert enc.model.num_prefix_tokens == 1 + reg_tokens
+    ref = _timm_reference(enc.model, enc.preprocess(image)[None], 3)
     heads = attention_heads(enc, image)
     assert heads.shape == (3, 4, 4) and num_heads(enc) == 3
     np.testing.assert_allclose(heads.reshape(3, -1), ref, atol=1e-6)
@@ -74,6 +81,26 @@ def test_open_clip_vit_matches_manual(open_clip_folder, image):
     heads = attention_heads(enc, image)
     assert heads.shape == (2, 4, 4)
     np.testing.assert_allclose(heads.reshape(2, -1), ref, atol=1e-6)
+
+
+def test_open_clip_tower_on_a_timm_vit_trunk(tmp_path, image):
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 32, "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False,
+                                           "timm_pool": "", "timm_proj": "linear", "image_size": 224},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**cfg)
+    pp = {"size": 224, "mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
+          "interpolation": "bicubic", "resize_mode": "shortest"}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": pp}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    enc = load_encoder(tmp_path)
+    ref = _timm_reference(enc.model.visual.trunk, enc.preprocess(image)[None], 3)
+    heads = attention_heads(enc, image)
+    assert heads.shape == (3, 14, 14)
+    np.testing.assert_allclose(heads.reshape(3, -1), ref, atol=1e-6)
 
 
 def test_not_a_vit_is_refused():
