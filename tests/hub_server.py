@@ -468,19 +468,17 @@ def client_env(**values: str | None) -> Iterator[None]:
     """
     from huggingface_hub import constants
 
+    def apply(env: dict) -> None:  # None: unset the variable
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        importlib.reload(constants)
+
     saved = {k: os.environ.get(k) for k in values}
     try:
-        for key, value in values.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        importlib.reload(constants)
+        apply(values)
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        importlib.reload(constants)
+        apply(saved)
