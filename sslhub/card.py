@@ -152,7 +152,7 @@ def render_card(config: dict[str, Any], repo_hint: str = "path/to/export") -> st
                          "`text_config/` in this folder (offline).\n")
     elif not arch.endswith("_cifar"):
         timm_use = ('\nPlain timm loads the same weights:\n\n```python\nimport timm\n'
-                    f'model = timm.create_model("local-dir:path/to/export", pretrained=True)  # or "hf-hub:ORG/NAME"\n```\n')
+                    'model = timm.create_model("local-dir:path/to/export", pretrained=True)  # or "hf-hub:ORG/NAME"\n```\n')
     else:
         timm_use = ("\nThe CIFAR stem (3x3 stride-1 conv, no max-pool) is registered in timm as "
                     f"`{arch}` by `import sslhub`; after that import, `timm.create_model(\"local-dir:…\", "

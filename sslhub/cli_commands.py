@@ -7,19 +7,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-
-def labelled(enc, spec: str, split: str, workers: int, what: str):
-    from .eval.protocols import decode
-
-    return decode(enc, spec, split, workers, what)
-
-
-def _features(enc, data) -> torch.Tensor:
-    from .eval.protocols import features
-
-    return features(enc, data)
 
 
 def eval_knn(args: argparse.Namespace) -> dict:
@@ -34,13 +21,14 @@ def eval_knn(args: argparse.Namespace) -> dict:
 
 
 def eval_linear(args: argparse.Namespace) -> dict:
+    from .eval import protocols
     from .eval.linear import linear_probe, low_shot
     from .loading import load_encoder
 
     enc = load_encoder(args.model)
-    train = labelled(enc, args.train, args.train_split, args.workers, "train")
-    test = labelled(enc, args.test, args.test_split, args.workers, "test")
-    ftr, fte = _features(enc, train), _features(enc, test)
+    train = protocols.decode(enc, args.train, args.train_split, args.workers, "train")
+    test = protocols.decode(enc, args.test, args.test_split, args.workers, "test")
+    ftr, fte = protocols.features(enc, train), protocols.features(enc, test)
     out = {"model": args.model, "train": args.train, "test": args.test,
            "linear": linear_probe(ftr, train.labels, fte, test.labels)}
     if args.low_shot:
@@ -84,15 +72,16 @@ def eval_retrieval(args: argparse.Namespace) -> dict:
 
 def index_build(args: argparse.Namespace) -> dict:
     from .data.sources import open_source
+    from .eval import protocols
     from .loading import load_encoder
     from .retrieval import build_index
 
     enc = load_encoder(args.model)
-    data = labelled(enc, args.data, args.split, args.workers, "images")
+    data = protocols.decode(enc, args.data, args.split, args.workers, "images")
     classes = data.classes or open_source(args.data, args.split).classes
     meta = [{"key": k, **({"label": int(l), "class": classes[l] if classes and 0 <= l < len(classes) else None}
                           if l >= 0 else {})} for k, l in zip(data.keys, data.labels.tolist())]
-    index = build_index(_features(enc, data).numpy(), ids=data.keys, metadata=meta, kind=args.kind)
+    index = build_index(protocols.features(enc, data).numpy(), ids=data.keys, metadata=meta, kind=args.kind)
     index.info.update({"model": args.model, "data": args.data, "split": args.split})
     path = index.save(args.out)
     return {"index": str(path), "vectors": len(index), "kind": index.kind, "dim": index.dim}
