@@ -8,7 +8,6 @@ import argparse
 from pathlib import Path
 
 
-
 def eval_knn(args: argparse.Namespace) -> dict:
     from .eval import protocols
     from .loading import load_encoder
