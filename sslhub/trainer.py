@@ -77,7 +77,7 @@ class Trainer:
         torch.manual_seed(self.recipe.seed)
         method = get_method(self.recipe.method).create(self.recipe.encoder, self.recipe.method_args)
         if self.world > 1:
-            D.convert_batchnorm(method)  # global BN: statistics of the whole batch, as one process
+            method.convert_batchnorm()  # global BN: statistics of the whole batch, as one process
         method.to(self.device)
         if self.recipe.train.channels_last:
             method.to(memory_format=torch.channels_last)
@@ -97,6 +97,7 @@ class Trainer:
         plan = BatchPlan(len(data), r.data.batch_size, r.seed, self.rank, self.world)
         total = tc.max_steps if tc.max_steps is not None else max(1, int(tc.epochs * plan.steps_per_epoch))
         method = self._model()
+        method.configure(plan.steps_per_epoch, total)
         groups = method.optim_groups()
         lr = scaled_lr(r.optim, r.data.batch_size * tc.accumulate)
         optimizers = {k: build_optimizer(ps, r.optim, lr) for k, ps in groups.items()}
@@ -204,7 +205,7 @@ class Trainer:
                     "processes": self.world, "train_data": r.data.train, "train_images": len(data),
                     "train_seconds": round(elapsed, 1)}
             export = method.export(self.out / "export", {**info, "eval": metrics})
-            more = self.evaluate_export(export, knn=not isinstance(method.backbone, Backbone))
+            more = self.evaluate_export(export, knn=not isinstance(method.exported_backbone(), Backbone))
             if more:  # evaluations of the exported model itself: written into its config and card
                 metrics.update(more)
                 export = method.export(self.out / "export", {**info, "eval": metrics})
@@ -217,13 +218,14 @@ class Trainer:
         r, enc = self.recipe, self.recipe.encoder
         kc, results = r.eval.knn, {}
         test = None
-        if kc.test and isinstance(method.backbone, Backbone):
+        backbone = method.exported_backbone()
+        if kc.test and isinstance(backbone, Backbone):
             test = decode_all(open_source(kc.test, kc.test_split), enc.image_size, r.data.num_workers,
                               progress=self.progress, desc="decoding test")
             same_bank = kc.train in ("", r.data.train) and kc.train_split == r.data.split
             bank = data if same_bank else decode_all(open_source(kc.train, kc.train_split), enc.image_size,
                                                      r.data.num_workers, progress=self.progress, desc="decoding bank")
-            feats = [extract_features(method.backbone, d.images, device=self.device, progress=self.progress,
+            feats = [extract_features(backbone, d.images, device=self.device, progress=self.progress,
                                       desc=f"k-NN {name}") for name, d in (("bank", bank), ("queries", test))]
             results["knn"] = knn_eval(feats[0], bank.labels, feats[1], test.labels, ks=kc.k,
                                       temperature=kc.temperature)

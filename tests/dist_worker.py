@@ -1,13 +1,20 @@
-"""Run by tests/test_distributed.py under torchrun: one step of a method on this rank's slice."""
+"""Run by tests/test_distributed.py under torchrun: two steps of a method on this rank's slice.
+
+Two optimiser steps with ``on_step_end`` between them, so state that crosses processes (queues,
+centres, EMA targets, Sinkhorn sums, BN statistics) is checked too, not only the first loss.
+"""
+import dataclasses
 import sys
 
 import torch
 
 from sslhub import distributed as D
+from sslhub.data.augment import ViewConfig
 from sslhub.methods.base import Batch
 from sslhub.recipe import recipe_from_dict
 from sslhub.registry import get_method
 
+STEPS = 2
 DETERMINISTIC_VIEWS = {"scale": [1.0, 1.0], "ratio": [1.0, 1.0], "hflip_p": 0.0, "jitter_p": 0.0, "gray_p": 0.0}
 # variants of a method tested on their own: name → (method, method_args)
 VARIANTS = {"clip-global-loss": ("clip", {"local_loss": False})}
@@ -25,12 +32,17 @@ def build(name: str, workdir: str = "."):
     if get_method(method).needs_text:  # an image–text method: a one-layer CLIP from a JSON config
         (Path(workdir) / "tiny-clip.json").write_text(json.dumps(TINY_CLIP))
         encoder = {"arch": str(Path(workdir) / "tiny-clip.json"), "image_size": 16}
-    r = recipe_from_dict({"method": method, "encoder": encoder,
-                          "method_args": {**args, "views": {"size": 16, **DETERMINISTIC_VIEWS}}})
+    cls = get_method(method)
+    views = {}  # every view of the method (global, second, local crops …) made deterministic: 16 px, local 8 px
+    for f in dataclasses.fields(cls.Config):
+        if f.default_factory is not dataclasses.MISSING and isinstance(f.default_factory(), ViewConfig):
+            views[f.name] = {"size": 8 if "local" in f.name else 16, **DETERMINISTIC_VIEWS}
+    r = recipe_from_dict({"method": method, "encoder": encoder, "method_args": {**args, **views}})
     torch.manual_seed(0)
-    m = get_method(method).create(r.encoder, r.method_args)
+    m = cls.create(r.encoder, r.method_args)
+    m.configure(steps_per_epoch=1, max_steps=STEPS)
     if D.is_dist():
-        D.convert_batchnorm(m)
+        m.convert_batchnorm()
     return m
 
 
@@ -39,16 +51,27 @@ def captions(n: int) -> list[str]:
     return [f"a photo of {' and '.join(['thing'] * (1 + i % 3))} number {i}" for i in range(n)]
 
 
-def step(method, images, texts=None):
+def run(method, images, texts=None) -> dict[str, torch.Tensor]:
+    """STEPS steps of SGD; returns each step's process-averaged loss and gradients and the final state."""
     texts = texts if texts is not None else captions(images.shape[0])
-    out = method.loss(Batch(images, texts=texts if method.needs_text else None,
-                            rng=torch.Generator().manual_seed(0)))
-    out["loss"].backward()
     params = [p for p in method.parameters() if p.requires_grad]
-    D.average_gradients(params)
-    grads = torch.cat([p.grad.reshape(-1) for p in params])
-    loss = D.all_reduce_mean(out["loss"].detach())
-    return loss, grads
+    opt = torch.optim.SGD(params, lr=0.05)
+    result = {}
+    for s in range(STEPS):
+        out = method.loss(Batch(images, texts=texts if method.needs_text else None,
+                                rng=torch.Generator().manual_seed(s), step=s))
+        out["loss"].backward()
+        D.average_gradients(params)
+        result[f"grads{s}"] = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
+                                         for p in params])
+        result[f"loss{s}"] = D.all_reduce_mean(out["loss"].detach())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        method.on_step_end(s, STEPS)
+    for k, v in method.state_dict().items():
+        if v.is_floating_point():
+            result[f"state.{k}"] = v
+    return result
 
 
 if __name__ == "__main__":
@@ -57,5 +80,5 @@ if __name__ == "__main__":
     images = torch.load(f"{out_dir}/images.pt", weights_only=True)
     b = images.shape[0] // D.world_size()
     mine = images[D.rank() * b : (D.rank() + 1) * b]
-    loss, grads = step(build(name, out_dir), mine, captions(images.shape[0])[D.rank() * b : (D.rank() + 1) * b])
-    torch.save({"loss": loss, "grads": grads}, f"{out_dir}/rank{D.rank()}.pt")
+    result = run(build(name, out_dir), mine, captions(images.shape[0])[D.rank() * b : (D.rank() + 1) * b])
+    torch.save(result, f"{out_dir}/rank{D.rank()}.pt")

@@ -1,4 +1,4 @@
-"""2 processes (torchrun, gloo on CPU) give the loss and gradients of 1 process at the same global batch."""
+"""2 processes (torchrun, gloo on CPU) give the losses, gradients and final state of 1 process at the same global batch."""
 import json
 import os
 import subprocess
@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
-from dist_worker import VARIANTS, build, step
+from dist_worker import STEPS, VARIANTS, build, run
 from sslhub.registry import list_methods
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
@@ -23,12 +23,17 @@ def test_two_processes_equal_one(tmp_path, name):
     torch.save(images, tmp_path / "images.pt")
     subprocess.run([*TORCHRUN, str(REPO / "tests/dist_worker.py"), name, str(tmp_path)], check=True, env=ENV,
                    cwd=tmp_path, timeout=300)
-    loss1, grads1 = step(build(name, tmp_path), images)
+    one = run(build(name, tmp_path), images)
     for r in (0, 1):
         got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
-        assert got["loss"].item() == pytest.approx(loss1.item(), rel=1e-5)
-        assert torch.allclose(got["grads"], grads1, rtol=1e-4, atol=1e-6), \
-            f"max grad diff {(got['grads'] - grads1).abs().max():.3g}"
+        assert set(got) == set(one)
+        for s in range(STEPS):
+            assert got[f"loss{s}"].item() == pytest.approx(one[f"loss{s}"].item(), rel=1e-5), f"loss of step {s}"
+            g, g1 = got[f"grads{s}"], one[f"grads{s}"]
+            assert torch.allclose(g, g1, rtol=1e-4, atol=1e-6), f"step {s}: max grad diff {(g - g1).abs().max():.3g}"
+        for k in (k for k in one if k.startswith("state.")):  # parameters, EMA targets, queues, centres
+            assert torch.allclose(got[k], one[k], rtol=1e-4, atol=1e-5), \
+                f"{k}: max diff {(got[k] - one[k]).abs().max():.3g}"
 
 
 def test_torchrun_training_equals_one_process(tmp_path):

@@ -7,6 +7,14 @@ heads, teachers, queues or discriminators it needs.  The trainer calls, per step
     ... backward, optimiser step ...
     method.on_step_end(step, max_steps)   # EMA teachers, momentum / temperature schedules, queues
 
+Before the first step the trainer calls ``method.configure(steps_per_epoch, max_steps)`` (schedules in
+epochs, such as DINO's teacher-temperature warm-up) and, with several processes,
+``method.convert_batchnorm()``.  What gets exported and k-NN-evaluated is ``exported_backbone()``
+(the online network by default; DINO exports its teacher).
+
+State that must survive ``--resume`` (queues, centres, EMA targets, pointers) lives in parameters or
+buffers, so it is in ``state_dict()``; anything else is recomputed from the step number.
+
 Methods with a second optimiser (e.g. an adversarial discriminator) return more loss keys from
 ``optim_groups()``: each key names a loss in the dict and the parameters its optimiser updates.
 """
@@ -51,6 +59,23 @@ class Method(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg
+        self.steps_per_epoch: int | None = None  # set by configure(); None when used outside the trainer
+        self.max_steps: int | None = None
+
+    def configure(self, steps_per_epoch: int, max_steps: int) -> None:
+        """Told by the trainer before the first step (and again on resume)."""
+        self.steps_per_epoch, self.max_steps = steps_per_epoch, max_steps
+
+    def convert_batchnorm(self) -> None:
+        """Several processes: BN over the global batch (``GlobalBatchNorm``), so 2 processes = 1.
+        Methods that need per-group statistics (MoCo's shuffled BN) override this."""
+        from .. import distributed as D
+
+        D.convert_batchnorm(self)
+
+    def exported_backbone(self) -> Backbone:
+        """The network that is exported and k-NN-evaluated (default: ``self.backbone``)."""
+        return self.backbone
 
     @classmethod
     def create(cls, encoder: EncoderConfig, cfg: MethodConfig) -> "Method":
@@ -61,7 +86,7 @@ class Method(nn.Module):
         """Write the trained encoder as a loadable folder (default: timm layout, ``sslhub.export``)."""
         from ..export import export_encoder
 
-        return export_encoder(self.backbone, folder, info)
+        return export_encoder(self.exported_backbone(), folder, info)
 
     def view_pipeline(self, views: ViewConfig) -> BatchAugment:
         """Batched augmentation for ``views``, normalised with the encoder's own mean and std."""

@@ -19,6 +19,7 @@ from .. import distributed as D
 from ..data.augment import ViewConfig
 from ..registry import register_method
 from .base import Batch, Method, MethodConfig
+from .common import projection_mlp
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
@@ -39,17 +40,6 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
     rows = torch.arange(2 * b, device=z1.device)
     logits[rows, self_idx] = float("-inf")  # an embedding is never its own negative
     return F.cross_entropy(logits, pos_idx)
-
-
-def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2) -> nn.Sequential:
-    """Linear → BN → ReLU (× layers-1) → Linear: SimCLR's projector g(·)."""
-    mods: list[nn.Module] = []
-    d = in_dim
-    for _ in range(layers - 1):
-        mods += [nn.Linear(d, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
-        d = hidden_dim
-    mods.append(nn.Linear(d, out_dim))
-    return nn.Sequential(*mods)
 
 
 @dataclass
