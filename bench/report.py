@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import platform
 import re
 from pathlib import Path
 
@@ -15,3 +16,17 @@ def update_section(path: Path, key: str, title: str, body: str) -> None:
     pattern = re.compile(rf"<!-- {re.escape(key)}:start -->.*?<!-- {re.escape(key)}:end -->", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo and whether it has bf16 matmul units."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        for line in info.splitlines():
+            if line.startswith("model name"):
+                bf16 = "with" if ("avx512_bf16" in info or "amx_bf16" in info) else "without"
+                return f"{line.split(':', 1)[1].strip()} ({bf16} AVX512-BF16/AMX)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.report import update_section  # noqa: E402
+from bench.report import cpu_name, update_section  # noqa: E402
 from sslhub.data.images import decode_all  # noqa: E402
 from sslhub.data.sources import open_source  # noqa: E402
 from sslhub.encoder import Backbone  # noqa: E402
@@ -165,18 +164,6 @@ def lightly_data_only(images_hwc: np.ndarray, steps: int, workers: int) -> float
 
 
 # ---------------------------------------------------------------------------------------- machine
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                flags = open("/proc/cpuinfo").read()
-                bf16 = "with" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "without"
-                return f"{line.split(':', 1)[1].strip()} ({bf16} AVX512-BF16/AMX)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def matmul_peak(n: int = 2048, reps: int = 10) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
@@ -218,7 +205,7 @@ def main() -> None:
 
     peak = matmul_peak()
     flops = step_flops_per_image()
-    results = {"machine": f"{_cpu_name()}, {torch.get_num_threads()} threads, "
+    results = {"machine": f"{cpu_name()}, {torch.get_num_threads()} threads, "
                           f"torch {torch.__version__}", "matmul_peak_gflops": round(peak, 1),
                "step_gflop_per_image": round(flops / 1e9, 3), "batch": BATCH, "runs": args.runs,
                "steps": args.steps, "data": str(src.spec), "rows": []}
