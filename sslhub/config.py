@@ -108,7 +108,15 @@ def from_dict(cls: type, data: dict | None, where: str = "config", prefix: str =
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _convert(hints[name], data[name], f"{prefix}{name}", where)
+            value = data[name]
+            if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict):
+                # a nested block overrides the field's own default (e.g. a method's view settings), not
+                # the nested class's defaults: keys the recipe leaves out keep the field's default
+                default = f.default if f.default is not dataclasses.MISSING else (
+                    f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+                if default is not None:
+                    value = {**to_dict(default), **value}
+            kwargs[name] = _convert(hints[name], value, f"{prefix}{name}", where)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
             raise ConfigError(f"{where}: missing required key {prefix}{name!r}")
     return cls(**kwargs)

@@ -168,6 +168,8 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
         new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                               module.track_running_stats)
         new.load_state_dict(module.state_dict())
+        for name, p in new.named_parameters(recurse=False):  # a frozen (EMA target) BN stays frozen
+            p.requires_grad_(getattr(module, name).requires_grad)
         new.train(module.training)
         return new
     for name, child in module.named_children():

@@ -9,7 +9,8 @@ from torch import nn
 
 from sslhub.methods.base import Batch
 from sslhub.methods.byol import byol_loss, regression_loss
-from sslhub.methods.simsiam import negative_cosine, normalized_std, simsiam_loss
+from sslhub.methods.common import normalized_std
+from sslhub.methods.simsiam import negative_cosine, simsiam_loss
 from sslhub.recipe import recipe_from_dict
 from sslhub.registry import get_method
 

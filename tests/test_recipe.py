@@ -1,9 +1,11 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO
 from sslhub.config import ConfigError
+from sslhub.data.augment import ViewConfig
 from sslhub.recipe import load_recipe, recipe_from_dict
 from sslhub.registry import get_method, list_methods
 
@@ -55,3 +57,12 @@ def test_unknown_method_and_missing_file():
         load_recipe(Path("no/such/recipe.yaml"))
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         recipe_from_dict({"method": "simclr"}, overrides=["optim.lr"])
+
+
+def test_a_partial_nested_block_keeps_the_fields_own_defaults():
+    """``views: {size: 64}`` changes the size only: the method's own view defaults (not ViewConfig's) stay."""
+    default = get_method("rotation").Config().views
+    assert default.jitter_p == 0.0 and ViewConfig().jitter_p != 0.0  # the method's default differs from the class's
+    r = recipe_from_dict({"method": "rotation", "method_args": {"views": {"size": 64}}})
+    assert r.method_args.views.size == 64
+    assert dataclasses.replace(r.method_args.views, size=default.size) == default

@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from ..data.augment import ViewConfig
 from ..registry import register_method
 from .base import Batch, Method, MethodConfig
-from .common import cosine_momentum, ema_update_, momentum_copy, projection_mlp
-from .simsiam import check_positive, normalized_std
+from .common import check_positive, cosine_momentum, ema_update_, momentum_copy, normalized_std, projection_mlp
 
 
 def regression_loss(q: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -78,13 +77,6 @@ class BYOL(Method):
         self.target_projector = momentum_copy(self.projector)
         self.augment = self.view_pipeline(cfg.views)  # T
         self.augment_prime = self.view_pipeline(cfg.views_prime)  # T'
-
-    def convert_batchnorm(self) -> None:
-        """Global BN everywhere; the target's new BN modules are frozen again (the conversion builds them
-        with trainable γ, β, which would put them in the optimiser)."""
-        super().convert_batchnorm()
-        for p in list(self.target_backbone.parameters()) + list(self.target_projector.parameters()):
-            p.requires_grad_(False)
 
     def momentum(self, step: int, max_steps: int | None = None) -> float:
         """τ at ``step``.  Without a known length (outside the trainer) the schedule has not started: τ_base."""

@@ -7,6 +7,7 @@
   batches, as in BYOL's and MoCo's reference code).
 - ``cosine_momentum``: BYOL's schedule τ_k = 1 − (1 − τ_base)·(cos(πk/K) + 1)/2, also used by DINO and
   MoCo v3 (Grill et al. 2020 §3.2).
+- ``normalized_std``: the collapse diagnostic ``z_std`` (SimSiam §4.1); ``check_positive``: head-size checks.
 - ``forward_multicrop``: views of different resolutions through one network, one forward per
   resolution (Caron et al. 2020/2021: global and local crops cannot share a batch tensor).
 """
@@ -17,7 +18,10 @@ import math
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .. import distributed as D
 
 
 def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, last_bn: bool = False,
@@ -81,3 +85,18 @@ def forward_multicrop(net: Callable[[torch.Tensor], torch.Tensor], crops: Sequen
         out.append(net(torch.cat(list(crops[i:j]))))
         i = j
     return torch.cat(out)
+
+
+def normalized_std(z: torch.Tensor) -> torch.Tensor:
+    """Collapse diagnostic (SimSiam §4.1, Fig. 2): mean over dimensions of the std over the global
+    batch of ``z / ‖z‖``.  About 1/√d for well-spread outputs, 0 when every output is the same."""
+    z = F.normalize(D.gather_nograd(z.detach().float()), dim=-1)  # (N, d)
+    return z.std(dim=0).mean()
+
+
+def check_positive(cfg, *names: str) -> None:
+    """``ValueError`` naming ``method_args.<name>`` for each head size that is not a positive integer."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value < 1:
+            raise ValueError(f"method_args.{name} must be a positive integer, got {value}")

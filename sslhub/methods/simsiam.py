@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .. import distributed as D
 from ..data.augment import ViewConfig
 from ..registry import register_method
 from .base import Batch, Method, MethodConfig
-from .common import projection_mlp
+from .common import check_positive, normalized_std, projection_mlp
 
 
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -43,21 +42,6 @@ def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch
 
 
 @torch.no_grad()
-def normalized_std(z: torch.Tensor) -> torch.Tensor:
-    """Collapse diagnostic (SimSiam §4.1, Fig. 2): mean over dimensions of the std over the global
-    batch of ``z / ‖z‖``.  About 1/√d for well-spread outputs, 0 when every output is the same."""
-    z = F.normalize(D.gather_nograd(z.detach().float()), dim=-1)  # (N, d)
-    return z.std(dim=0).mean()
-
-
-def check_positive(cfg, *names: str) -> None:
-    """``ValueError`` naming ``method_args.<name>`` for each head size that is not a positive integer."""
-    for name in names:
-        value = getattr(cfg, name)
-        if value < 1:
-            raise ValueError(f"method_args.{name} must be a positive integer, got {value}")
-
-
 @dataclass
 class SimSiamConfig(MethodConfig):
     # Projector f (paper §3 "Baseline settings", ImageNet): 3 layers, hidden and output 2048, BN after
