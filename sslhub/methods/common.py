@@ -87,6 +87,7 @@ def forward_multicrop(net: Callable[[torch.Tensor], torch.Tensor], crops: Sequen
     return torch.cat(out)
 
 
+@torch.no_grad()
 def normalized_std(z: torch.Tensor) -> torch.Tensor:
     """Collapse diagnostic (SimSiam §4.1, Fig. 2): mean over dimensions of the std over the global
     batch of ``z / ‖z‖``.  About 1/√d for well-spread outputs, 0 when every output is the same."""

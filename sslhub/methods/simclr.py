@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
 
 from .. import distributed as D
 from ..data.augment import ViewConfig

@@ -41,7 +41,6 @@ def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch
     return (0.5 * negative_cosine(p1, z2) + 0.5 * negative_cosine(p2, z1)).mean()
 
 
-@torch.no_grad()
 @dataclass
 class SimSiamConfig(MethodConfig):
     # Projector f (paper §3 "Baseline settings", ImageNet): 3 layers, hidden and output 2048, BN after
