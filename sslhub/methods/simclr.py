@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-
 from .. import distributed as D
 from ..data.augment import ViewConfig
 from ..registry import register_method
