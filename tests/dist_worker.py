@@ -15,7 +15,8 @@ from sslhub.recipe import recipe_from_dict
 from sslhub.registry import get_method
 
 STEPS = 2
-DETERMINISTIC_VIEWS = {"scale": [1.0, 1.0], "ratio": [1.0, 1.0], "hflip_p": 0.0, "jitter_p": 0.0, "gray_p": 0.0}
+DETERMINISTIC_VIEWS = {"scale": [1.0, 1.0], "ratio": [1.0, 1.0], "hflip_p": 0.0, "jitter_p": 0.0, "gray_p": 0.0,
+                       "blur_p": 0.0, "solarize_p": 0.0}
 # variants of a method tested on their own: name → (method, method_args)
 VARIANTS = {"clip-global-loss": ("clip", {"local_loss": False})}
 TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "patch_size": 8,
