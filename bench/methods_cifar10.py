@@ -16,15 +16,18 @@ features of a class-balanced ``--bank`` subset of the training split and of the 
 weighted k-NN (k = 20 and 200, τ = 0.07) and a logistic-regression linear probe (C picked on a held-out
 20 % of the bank).  "random init" is the same backbone exported untrained.
 
-    python bench/methods_cifar10.py                       # everything, ~45 min on 2 cores
-    python bench/methods_cifar10.py --methods byol dino   # re-run some; the others are read from bench/out
-Writes bench/out/methods_cifar10/<method>.json, bench/figures/methods_cifar10.png and the section in
-BENCHMARKS.md.
+    python bench/methods_cifar10.py                       # everything, 3 seeds, ~45 min a seed on 2 cores
+    python bench/methods_cifar10.py --methods byol dino   # re-run some; the others are read from bench/results
+    python bench/methods_cifar10.py --resume              # only the (seed, method) rows not yet measured
+Writes bench/results/methods_cifar10/seed<N>/<method>.json (kept in git: the table is rebuilt from them with
+``--report-only``), bench/figures/methods_cifar10.png and the section in BENCHMARKS.md: the median over seeds
+with the min–max range.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import logging
 import resource
@@ -42,6 +45,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.report import cpu_name, update_section  # noqa: E402
 from sslhub import load_encoder  # noqa: E402
+from sslhub.checkpoint import atomic_write_text  # noqa: E402
 from sslhub.data.images import DecodedImages, decode_all  # noqa: E402
 from sslhub.data.sources import open_source  # noqa: E402
 from sslhub.encoder import Backbone  # noqa: E402
@@ -53,7 +57,9 @@ from sslhub.recipe import load_recipe  # noqa: E402
 from sslhub.registry import list_methods  # noqa: E402
 from sslhub.trainer import Trainer  # noqa: E402
 
-OUT = REPO / "bench/out/methods_cifar10"
+OUT = REPO / "bench/out/methods_cifar10"  # training runs (checkpoints, exports): not kept
+RESULTS = REPO / "bench/results/methods_cifar10"  # one JSON per (seed, method): kept in git, the table's source
+DEFAULT_SEEDS = [0, 1, 2]
 FIGURE = REPO / "bench/figures/methods_cifar10.png"
 RANDOM = "random init"
 log = logging.getLogger("bench.methods")
@@ -132,7 +138,7 @@ def run_method(name: str, args, train: DecodedImages, bank: DecodedImages, test:
     run_epochs = steps / steps_per_epoch
     over += scaled_schedules(name, over, run_epochs) + [f"train.max_steps={steps}"]
     recipe = load_recipe(recipe_path(name), over)
-    out_dir = OUT / "runs" / name
+    out_dir = OUT / "runs" / f"seed{args.seed}" / name
     log.info("%s: %.1f GFLOP/step → %d steps (%.2f epochs)", name, flops / 1e9, steps, run_epochs)
     cpu0, t0 = cpu_seconds(), time.perf_counter()
     result = PreloadedTrainer(recipe, out_dir, train).fit()
@@ -145,7 +151,7 @@ def run_method(name: str, args, train: DecodedImages, bank: DecodedImages, test:
 def run_random(args, bank: DecodedImages, test: DecodedImages) -> dict:
     r = load_recipe(recipe_path("simclr"), base_overrides(args))
     torch.manual_seed(args.seed)
-    folder = export_encoder(Backbone(r.encoder), OUT / "runs" / "random" / "export", {"method": "none (random init)"})
+    folder = export_encoder(Backbone(r.encoder), OUT / "runs" / f"seed{args.seed}" / "random" / "export", {"method": "none (random init)"})
     return {"method": RANDOM, "gflop_per_step": 0, "steps": 0, "epochs": 0, "train_wall_s": 0, "train_cpu_s": 0,
             **evaluate(folder, bank, test)}
 
@@ -155,25 +161,66 @@ def image_methods() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- report
-def plot(rows: list[dict], path: Path) -> None:
+METRICS = ("knn_top1_k20", "knn_top1_k200", "linear_top1")
+SETTING = ("budget_tflop", "channels", "batch", "n_train", "bank")  # what every row of one table shares
+
+
+def seed_dir(seed: int) -> Path:
+    return RESULTS / f"seed{seed}"
+
+
+def load_rows() -> dict[str, list[dict]]:
+    """method → its result rows, one per seed found under bench/results (seed order)."""
+    rows: dict[str, list[dict]] = {}
+    for d in sorted(RESULTS.glob("seed*"), key=lambda d: int(d.name[4:])):
+        for f in sorted(d.glob("*.json")):
+            r = json.loads(f.read_text())
+            rows.setdefault(r["method"], []).append(r)
+    if RANDOM not in rows:
+        raise SystemExit(f"no random-init row under {RESULTS}: run without --methods first")
+    first = rows[RANDOM][0]
+    odd = sorted({r["method"] for rs in rows.values() for r in rs if any(r[k] != first[k] for k in SETTING)})
+    if odd:
+        raise SystemExit(f"{', '.join(odd)} under {RESULTS} ran with other settings than random init "
+                         f"({', '.join(SETTING)}): re-run them, or everything")
+    return rows
+
+
+def summary(rs: list[dict]) -> dict:
+    """Median and range over seeds of each metric, and of the training cost."""
+    out = {"method": rs[0]["method"], "seeds": [r["seed"] for r in rs]}
+    for k in (*METRICS, "train_cpu_s", "train_wall_s"):
+        v = np.array([r[k] for r in rs], dtype=float)
+        out[k], out[k + "_min"], out[k + "_max"] = float(np.median(v)), float(v.min()), float(v.max())
+    for k in ("gflop_per_step", "steps", "epochs"):
+        out[k] = rs[0][k]
+    return out
+
+
+def plot(stats: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base = next(r for r in rows if r["method"] == RANDOM)
-    trained = sorted((r for r in rows if r["method"] != RANDOM), key=lambda r: r["linear_top1"])
+    base = next(r for r in stats if r["method"] == RANDOM)
+    trained = sorted((r for r in stats if r["method"] != RANDOM), key=lambda r: r["linear_top1"])
     x = np.arange(len(trained))
     fig, ax = plt.subplots(figsize=(1.0 * len(trained) + 3, 4.2))
     for off, key, label, color in ((-0.2, "knn_top1_k200", "k-NN top-1 (k=200)", "#4C72B0"),
                                    (0.2, "linear_top1", "linear probe top-1", "#DD8452")):
-        bars = ax.bar(x + off, [r[key] for r in trained], 0.38, label=label, color=color)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        med = np.array([r[key] for r in trained])
+        err = np.array([[m - r[key + "_min"] for m, r in zip(med, trained)],
+                        [r[key + "_max"] - m for m, r in zip(med, trained)]])
+        bars = ax.bar(x + off, med, 0.38, yerr=err, capsize=3, error_kw={"lw": 1}, label=label, color=color)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
         ax.axhline(base[key], color=color, ls="--", lw=1.2, label=f"{label}, random init")
     ax.set_xticks(x, [r["method"] for r in trained], rotation=30, ha="right")
     ax.set_ylabel("CIFAR-10 test top-1 (%)")
-    ax.set_ylim(0, max(r["linear_top1"] for r in rows) * 1.25)
-    ax.set_title("Same backbone, same training FLOPs: frozen-feature accuracy")
+    ax.set_ylim(0, max(r["linear_top1_max"] for r in stats) * 1.25)
+    n = sorted({len(r["seeds"]) for r in stats})
+    ax.set_title(f"Same backbone, same training FLOPs: frozen-feature accuracy "
+                 f"(median of {'/'.join(map(str, n))} seeds, bars = min–max)")
     ax.legend(fontsize=7, ncol=2, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -182,40 +229,65 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def sweep_command(args) -> str:
+def sweep_command(first: dict, seeds: list[int]) -> str:
     """The one command that regenerates the whole table with these settings."""
     cmd = ["python", "bench/methods_cifar10.py"]
-    defaults = {"budget_tflop": 10.0, "batch": 128, "channels": [16, 32, 64, 128], "bank": 10_000, "seed": 0}
+    defaults = {"budget_tflop": 10.0, "batch": 128, "channels": [16, 32, 64, 128], "bank": 10_000}
     for k, default in defaults.items():
-        v = getattr(args, k)
+        v = first[k]
         if v != default:
             cmd += [f"--{k.replace('_', '-')}", *(map(str, v) if isinstance(v, list) else [str(v)])]
+    if seeds != DEFAULT_SEEDS:
+        cmd += ["--seeds", *map(str, seeds)]
     return shlex.join(cmd)
 
 
-def report(rows: list[dict], args, command: str) -> str:
-    base = next(r for r in rows if r["method"] == RANDOM)
-    trained = sorted((r for r in rows if r["method"] != RANDOM), key=lambda r: -r["linear_top1"])
+def cell(r: dict, key: str, digits: int = 2) -> str:
+    if r[key + "_min"] == r[key + "_max"]:
+        return f"{r[key]:.{digits}f}"
+    return f"{r[key]:.{digits}f} ({r[key + '_min']:.{digits}f}–{r[key + '_max']:.{digits}f})"
+
+
+def machines(rows: dict[str, list[dict]]) -> str:
+    """Which seeds ran where, and when (the sweep may span machines: accuracies do not depend on it, times do)."""
+    where: dict[tuple[str, str], set[int]] = {}
+    for rs in rows.values():
+        for r in rs:
+            where.setdefault((r.get("machine", "unknown"), r.get("date", "?")), set()).add(r["seed"])
+    return "; ".join(f"seed {', '.join(map(str, sorted(s)))} on {m} ({d})" for (m, d), s in sorted(where.items(),
+                                                                                              key=lambda kv: min(kv[1])))
+
+
+def report(stats: list[dict], stats_rows: dict[str, list[dict]], first: dict, data: str) -> str:
+    base = next(r for r in stats if r["method"] == RANDOM)
+    trained = sorted((r for r in stats if r["method"] != RANDOM), key=lambda r: -r["linear_top1"])
+    seeds = sorted({s for r in stats for s in r["seeds"]})
+    counts = sorted({len(r["seeds"]) for r in stats})
     lines = [
-        f"Machine: {cpu_name()}, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}. Command (the whole sweep): `{command}`; rows can be re-run with `--methods NAME …` "
-        f"(the others are read from bench/out).",
-        f"Data: CIFAR-10 (`{args.data}`), training split {args.n_train:,} images; k-NN bank / probe training set: "
-        f"{args.bank:,} class-balanced training images; test: {args.n_test:,} images. Backbone: ResNet-18, CIFAR stem, "
-        f"channels {args.channels}; batch {args.batch}; budget **{args.budget_tflop:g} TFLOP of training per method** "
-        f"(steps = budget / measured FLOPs per step); seed {args.seed}, one run per method (a full sweep costs "
-        f"~45 min here, so no median over seeds: differences of ~1 point are within seed noise).",
+        f"Machines: {machines(stats_rows)}; torch {torch.__version__}. "
+        f"Command (the whole sweep): `{sweep_command(first, seeds)}`; `--methods NAME …` re-runs rows, `--resume` "
+        f"runs only the rows missing from `bench/results/methods_cifar10/seed*/`, `--report-only` rewrites this "
+        f"section from them.",
+        f"Data: CIFAR-10 (`{data}`), training split {first['n_train']:,} images; k-NN bank / probe training set: "
+        f"{first['bank']:,} class-balanced training images; test: {first['n_test']:,} images. Backbone: ResNet-18, "
+        f"CIFAR stem, channels {first['channels']}; batch {first['batch']}; budget "
+        f"**{first['budget_tflop']:g} TFLOP of training per method** (steps = budget / measured FLOPs per step). "
+        f"Seeds {', '.join(map(str, seeds))} (initialisation, data order, augmentations): every figure is the "
+        f"**median over {' or '.join(map(str, counts))} seeds, (min–max)** in brackets. Training time is CPU "
+        f"seconds (wall seconds) per run, median over seeds; runs shared the cores with other work, so times are "
+        f"upper bounds and the FLOP budget, not time, is what is held equal.",
         "",
-        "| method | GFLOP/step | steps | epochs | train CPU s (wall s) | k-NN top-1 k=20 | k-NN top-1 k=200 | "
+        "| method | seeds | GFLOP/step | steps | epochs | train CPU s (wall s) | k-NN top-1 k=20 | k-NN top-1 k=200 | "
         "linear top-1 | Δ linear vs random |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in trained:
-        lines.append(f"| {r['method']} | {r['gflop_per_step']} | {r['steps']} | {r['epochs']} | "
-                     f"{r['train_cpu_s']:.0f} ({r['train_wall_s']:.0f}) | {r['knn_top1_k20']} | {r['knn_top1_k200']} | "
-                     f"{r['linear_top1']} | {r['linear_top1'] - base['linear_top1']:+.2f} |")
-    lines.append(f"| *random init* | – | 0 | 0 | – | {base['knn_top1_k20']} | {base['knn_top1_k200']} | "
-                 f"{base['linear_top1']} | – |")
+        lines.append(f"| {r['method']} | {len(r['seeds'])} | {r['gflop_per_step']} | {r['steps']} | {r['epochs']} | "
+                     f"{r['train_cpu_s']:.0f} ({r['train_wall_s']:.0f}) | {cell(r, 'knn_top1_k20')} | "
+                     f"{cell(r, 'knn_top1_k200')} | {cell(r, 'linear_top1')} | "
+                     f"{r['linear_top1'] - base['linear_top1']:+.2f} |")
+    lines.append(f"| *random init* | {len(base['seeds'])} | – | 0 | 0 | – | {cell(base, 'knn_top1_k20')} | "
+                 f"{cell(base, 'knn_top1_k200')} | {cell(base, 'linear_top1')} | – |")
     lines += ["", f"![k-NN and linear-probe top-1 per method]({FIGURE.relative_to(REPO)})"]
     return "\n".join(lines)
 
@@ -224,16 +296,16 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(REPO.parent / "shared/data/cifar10"))
     p.add_argument("--methods", nargs="*", default=None, help="methods to (re)run; default: every image method")
+    p.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS)
     p.add_argument("--budget-tflop", type=float, default=10.0)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--channels", type=int, nargs=4, default=[16, 32, 64, 128])
     p.add_argument("--bank", type=int, default=10_000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md from bench/out")
+    p.add_argument("--resume", action="store_true", help="skip (method, seed) rows already in bench/results")
+    p.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md from bench/results")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("sslhub").setLevel(logging.WARNING)
-    OUT.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "bench/methods_cifar10.py", *(argv if argv is not None else sys.argv[1:])])
     if not args.report_only:
         if not (Path(args.data) / "dataset.json").is_file():
@@ -243,27 +315,27 @@ def main(argv=None) -> None:
         idx = torch.from_numpy(balanced_subset(train.labels.numpy(), args.bank / len(train), seed=0))
         bank = DecodedImages(train.images[idx], train.labels[idx], [], train.classes, [])
         todo = args.methods if args.methods else [RANDOM, *image_methods()]
-        for name in todo:
-            row = run_random(args, bank, test) if name == RANDOM else run_method(name, args, train, bank, test)
-            row.update(n_train=len(train), n_test=len(test), bank=len(bank), budget_tflop=args.budget_tflop,
-                       channels=args.channels, batch=args.batch, seed=args.seed, command=command)
-            (OUT / f"{name.replace(' ', '_')}.json").write_text(json.dumps(row, indent=1))
-            log.info("%s: %s", name, {k: row[k] for k in ("knn_top1_k200", "linear_top1", "train_cpu_s")})
-    rows = [json.loads(f.read_text()) for f in sorted(OUT.glob("*.json"))]
-    if not any(r["method"] == RANDOM for r in rows):
-        raise SystemExit("no random-init row in bench/out: run without --methods first")
-    first = next(r for r in rows if r["method"] == RANDOM)
-    setting = ("budget_tflop", "channels", "batch", "seed", "n_train", "bank")
-    odd = [r["method"] for r in rows if any(r[k] != first[k] for k in setting)]
-    if odd:
-        raise SystemExit(f"{', '.join(odd)} in {OUT} ran with other settings than random init "
-                         f"({', '.join(setting)}): re-run them, or everything")
-    for k in ("n_train", "n_test", "bank", "budget_tflop", "channels", "batch", "seed"):
-        setattr(args, k, first[k])
-    plot(rows, FIGURE)
+        for seed in args.seeds:  # seed-major: an interrupted sweep has whole seeds
+            args.seed = seed
+            for name in todo:
+                path = seed_dir(seed) / f"{name.replace(' ', '_')}.json"
+                if args.resume and path.is_file():
+                    continue
+                row = run_random(args, bank, test) if name == RANDOM else run_method(name, args, train, bank, test)
+                row.update(n_train=len(train), n_test=len(test), bank=len(bank), budget_tflop=args.budget_tflop,
+                           channels=args.channels, batch=args.batch, seed=seed, command=command, data=args.data,
+                           machine=f"{cpu_name()}, {torch.get_num_threads()} threads",
+                           date=datetime.date.today().isoformat())
+                atomic_write_text(path, json.dumps(row, indent=1))
+                log.info("seed %d %s: %s", seed, name,
+                         {k: row[k] for k in ("knn_top1_k200", "linear_top1", "train_cpu_s")})
+    rows = load_rows()
+    stats = [summary(rs) for rs in rows.values()]
+    first = rows[RANDOM][0]
+    plot(stats, FIGURE)
     update_section(REPO / "BENCHMARKS.md", "methods_cifar10", "SSL methods on CIFAR-10 under one compute budget (issue 7)",
-                   report(rows, args, sweep_command(args)))
-    print(json.dumps({r["method"]: r["linear_top1"] for r in rows}))
+                   report(stats, rows, first, args.data if not args.report_only else first.get("data", args.data)))
+    print(json.dumps({r["method"]: r["linear_top1"] for r in stats}))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
   batches, as in BYOL's and MoCo's reference code).
 - ``cosine_momentum``: BYOL's schedule τ_k = 1 − (1 − τ_base)·(cos(πk/K) + 1)/2, also used by DINO and
   MoCo v3 (Grill et al. 2020 §3.2).
+- ``off_diagonal``: the off-diagonal entries of a square matrix (VICReg, Barlow Twins).
 - ``normalized_std``: the collapse diagnostic ``z_std`` (SimSiam §4.1); ``check_positive``: head-size checks.
 - ``forward_multicrop``: views of different resolutions through one network, one forward per
   resolution (Caron et al. 2020/2021: global and local crops cannot share a batch tensor).
@@ -93,6 +94,13 @@ def normalized_std(z: torch.Tensor) -> torch.Tensor:
     batch of ``z / ‖z‖``.  About 1/√d for well-spread outputs, 0 when every output is the same."""
     z = F.normalize(D.gather_nograd(z.detach().float()), dim=-1)  # (N, d)
     return z.std(dim=0).mean()
+
+
+def off_diagonal(m: torch.Tensor) -> torch.Tensor:
+    """The ``d² − d`` off-diagonal entries of a square ``(d, d)`` matrix, flattened (the shared trick of the
+    VICReg and Barlow Twins reference code: drop the last entry, view as ``(d − 1, d + 1)``, drop column 0)."""
+    d = m.shape[0]
+    return m.flatten()[:-1].view(d - 1, d + 1)[:, 1:].flatten()
 
 
 def check_positive(cfg, *names: str) -> None:

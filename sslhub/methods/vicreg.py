@@ -33,13 +33,7 @@ from .. import distributed as D
 from ..data.augment import ViewConfig
 from ..registry import register_method
 from .base import Batch, Method, MethodConfig
-from .common import check_positive, normalized_std, projection_mlp
-
-
-def off_diagonal(m: torch.Tensor) -> torch.Tensor:
-    """The ``d² − d`` off-diagonal entries of a square ``(d, d)`` matrix, flattened (as [1])."""
-    d = m.shape[0]
-    return m.flatten()[:-1].view(d - 1, d + 1)[:, 1:].flatten()
+from .common import check_positive, normalized_std, off_diagonal, projection_mlp
 
 
 def variance_loss(z: torch.Tensor, gamma: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
