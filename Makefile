@@ -16,12 +16,16 @@ $(STAMP): pyproject.toml
 .PHONY: install quickstart test test-slow bench
 install: $(STAMP)
 
-# train → evaluate (k-NN) → export on the real CIFAR-10 sample bundled in data/
+# train → evaluate (k-NN) → export on the real CIFAR-10 sample bundled in data/, then the demo on it
+# (http://127.0.0.1:7860, Ctrl-C stops it; `make quickstart DEMO=0` stops after the evaluation)
+DEMO ?= 1
 quickstart: $(STAMP)
 	$(BIN)/sslhub train recipes/simclr_cifar10.yaml --out runs/quickstart \
 	  --set encoder.model_args.channels=[32,64,128,256] --set data.batch_size=128 \
 	  --set train.max_steps=40 --set optim.warmup_epochs=1
 	$(BIN)/sslhub eval knn --model runs/quickstart/export --train data/cifar10-sample --test data/cifar10-sample
+	@if [ "$(DEMO)" = 1 ]; then echo "demo of runs/quickstart/export on http://127.0.0.1:7860 (Ctrl-C stops it)"; \
+	  GRADIO_ANALYTICS_ENABLED=False $(BIN)/python demos/app.py; fi
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
