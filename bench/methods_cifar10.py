@@ -276,6 +276,9 @@ def report(stats: list[dict], stats_rows: dict[str, list[dict]], first: dict, da
         f"**median over {' or '.join(map(str, counts))} seeds, (min–max)** in brackets. Training time is CPU "
         f"seconds (wall seconds) per run, median over seeds; runs shared the cores with other work, so times are "
         f"upper bounds and the FLOP budget, not time, is what is held equal.",
+        f"At this budget a method sees {min(r['epochs'] for r in trained):g}–{max(r['epochs'] for r in trained):g} "
+        f"epochs: the table ranks how much each method learns per training FLOP early on, not converged accuracy "
+        f"(the papers train for hundreds of epochs); multi-crop and 4-rotation batches buy fewer steps.",
         "",
         "| method | seeds | GFLOP/step | steps | epochs | train CPU s (wall s) | k-NN top-1 k=20 | k-NN top-1 k=200 | "
         "linear top-1 | Δ linear vs random |",
