@@ -16,7 +16,7 @@ features of a class-balanced ``--bank`` subset of the training split and of the 
 weighted k-NN (k = 20 and 200, τ = 0.07) and a logistic-regression linear probe (C picked on a held-out
 20 % of the bank).  "random init" is the same backbone exported untrained.
 
-    python bench/methods_cifar10.py                       # everything, 3 seeds, ~45 min a seed on 2 cores
+    python bench/methods_cifar10.py                       # everything, 3 seeds, ~27 min a seed on 2 cores
     python bench/methods_cifar10.py --methods byol dino   # re-run some; the others are read from bench/results
     python bench/methods_cifar10.py --resume              # only the (seed, method) rows not yet measured
 Writes bench/results/methods_cifar10/seed<N>/<method>.json (kept in git: the table is rebuilt from them with
@@ -95,8 +95,13 @@ def base_overrides(args) -> list[str]:
             "train.precision=fp32", f"seed={args.seed}"]
 
 
+_FLOPS: dict[str, float] = {}  # method → FLOPs per step: the same for every seed, counted once a sweep
+
+
 def step_flops(method_name: str, overrides: list[str], batch: int) -> float:
-    """FLOPs of one training step (forward + backward) at ``batch`` images."""
+    """FLOPs of one training step (forward + backward) at ``batch`` images (cached per method)."""
+    if method_name in _FLOPS:
+        return _FLOPS[method_name]
     r = load_recipe(recipe_path(method_name), overrides)
     torch.manual_seed(0)
     m = list_methods()[method_name].create(r.encoder, r.method_args)
@@ -106,7 +111,8 @@ def step_flops(method_name: str, overrides: list[str], batch: int) -> float:
     with FlopCounterMode(display=False) as fc:
         out = m.loss(Batch(images, rng=torch.Generator().manual_seed(0)))
         out["loss"].backward()
-    return float(fc.get_total_flops())
+    _FLOPS[method_name] = float(fc.get_total_flops())
+    return _FLOPS[method_name]
 
 
 def scaled_schedules(method_name: str, overrides: list[str], run_epochs: float) -> list[str]:
@@ -163,10 +169,6 @@ def image_methods() -> list[str]:
 # ------------------------------------------------------------------------------------------- report
 METRICS = ("knn_top1_k20", "knn_top1_k200", "linear_top1")
 SETTING = ("budget_tflop", "channels", "batch", "n_train", "bank")  # what every row of one table shares
-
-
-def seed_dir(seed: int) -> Path:
-    return RESULTS / f"seed{seed}"
 
 
 def load_rows() -> dict[str, list[dict]]:
@@ -258,17 +260,17 @@ def machines(rows: dict[str, list[dict]]) -> str:
                                                                                               key=lambda kv: min(kv[1])))
 
 
-def report(stats: list[dict], stats_rows: dict[str, list[dict]], first: dict, data: str) -> str:
+def report(stats: list[dict], where: str, first: dict) -> str:
     base = next(r for r in stats if r["method"] == RANDOM)
     trained = sorted((r for r in stats if r["method"] != RANDOM), key=lambda r: -r["linear_top1"])
     seeds = sorted({s for r in stats for s in r["seeds"]})
     counts = sorted({len(r["seeds"]) for r in stats})
     lines = [
-        f"Machines: {machines(stats_rows)}; torch {torch.__version__}. "
+        f"Machines: {where}; torch {torch.__version__}. "
         f"Command (the whole sweep): `{sweep_command(first, seeds)}`; `--methods NAME …` re-runs rows, `--resume` "
         f"runs only the rows missing from `bench/results/methods_cifar10/seed*/`, `--report-only` rewrites this "
         f"section from them.",
-        f"Data: CIFAR-10 (`{data}`), training split {first['n_train']:,} images; k-NN bank / probe training set: "
+        f"Data: CIFAR-10 (`{first['data']}`), training split {first['n_train']:,} images; k-NN bank / probe training set: "
         f"{first['bank']:,} class-balanced training images; test: {first['n_test']:,} images. Backbone: ResNet-18, "
         f"CIFAR stem, channels {first['channels']}; batch {first['batch']}; budget "
         f"**{first['budget_tflop']:g} TFLOP of training per method** (steps = budget / measured FLOPs per step). "
@@ -321,7 +323,7 @@ def main(argv=None) -> None:
         for seed in args.seeds:  # seed-major: an interrupted sweep has whole seeds
             args.seed = seed
             for name in todo:
-                path = seed_dir(seed) / f"{name.replace(' ', '_')}.json"
+                path = RESULTS / f"seed{seed}" / f"{name.replace(' ', '_')}.json"
                 if args.resume and path.is_file():
                     continue
                 row = run_random(args, bank, test) if name == RANDOM else run_method(name, args, train, bank, test)
@@ -337,7 +339,7 @@ def main(argv=None) -> None:
     first = rows[RANDOM][0]
     plot(stats, FIGURE)
     update_section(REPO / "BENCHMARKS.md", "methods_cifar10", "SSL methods on CIFAR-10 under one compute budget (issue 7)",
-                   report(stats, rows, first, args.data if not args.report_only else first.get("data", args.data)))
+                   report(stats, machines(rows), first))
     print(json.dumps({r["method"]: r["linear_top1"] for r in stats}))
 
 

@@ -58,6 +58,13 @@ def captions(n: int) -> list[str]:
     return [f"a photo of {' and '.join(['thing'] * (1 + i % 3))} number {i}" for i in range(n)]
 
 
+def assert_grads_close(g: torch.Tensor, g1: torch.Tensor, step: int) -> None:
+    """P processes' averaged gradients vs one process's (both before clipping).  The float32 rounding of a summed
+    gradient element scales with the largest gradient (BN over a few samples), so atol does too."""
+    atol = max(1e-6, 2e-5 * g1.abs().max().item())
+    assert torch.allclose(g, g1, rtol=1e-4, atol=atol), f"step {step}: max grad diff {(g - g1).abs().max():.3g}"
+
+
 def run(method, images, texts=None) -> dict[str, torch.Tensor]:
     """STEPS steps of SGD; returns each step's process-averaged loss and gradients and the final state."""
     texts = texts if texts is not None else captions(images.shape[0])
@@ -69,11 +76,12 @@ def run(method, images, texts=None) -> dict[str, torch.Tensor]:
                                 rng=torch.Generator().manual_seed(s), step=s))
         out["loss"].backward()
         D.average_gradients(params)
+        # recorded before clipping, so a gradient off by a common factor (e.g. 1/processes) still shows
+        result[f"grads{s}"] = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
+                                         for p in params])
         # unit-norm steps: large early gradients (Barlow Twins, VICReg) would throw SGD to weights where the
         # float32 rounding of the two runs diverges; every process clips by the same global norm
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        result[f"grads{s}"] = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
-                                         for p in params])
         result[f"loss{s}"] = D.all_reduce_mean(out["loss"].detach())
         opt.step()
         opt.zero_grad(set_to_none=True)
