@@ -45,17 +45,17 @@ sys.path.insert(0, str(REPO))
 
 from bench.report import cpu_name, update_section  # noqa: E402
 from sslhub import load_encoder  # noqa: E402
-from sslhub.checkpoint import atomic_write_text  # noqa: E402
+from sslhub.atomic import atomic_write_text  # noqa: E402
 from sslhub.data.images import DecodedImages, decode_all  # noqa: E402
 from sslhub.data.sources import open_source  # noqa: E402
-from sslhub.encoder import Backbone  # noqa: E402
 from sslhub.eval.knn import knn_eval  # noqa: E402
 from sslhub.eval.linear import balanced_subset, linear_probe  # noqa: E402
-from sslhub.export import export_encoder  # noqa: E402
 from sslhub.methods.base import Batch  # noqa: E402
-from sslhub.recipe import load_recipe  # noqa: E402
-from sslhub.registry import list_methods  # noqa: E402
-from sslhub.trainer import Trainer  # noqa: E402
+from sslhub.methods.registry import list_methods  # noqa: E402
+from sslhub.models.backbone import Backbone  # noqa: E402
+from sslhub.publish.export import export_encoder  # noqa: E402
+from sslhub.train.recipe import load_recipe  # noqa: E402
+from sslhub.train.trainer import Trainer  # noqa: E402
 
 OUT = REPO / "bench/out/methods_cifar10"  # training runs (checkpoints, exports): not kept
 RESULTS = REPO / "bench/results/methods_cifar10"  # one JSON per (seed, method): kept in git, the table's source

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 from bench.report import update_section  # noqa: E402
 from sslhub.data.images import decode_all  # noqa: E402
 from sslhub.data.sources import open_source  # noqa: E402
-from sslhub.retrieval import build_index, compare_with_exact  # noqa: E402
+from sslhub.inference.retrieval import build_index, compare_with_exact  # noqa: E402
 
 CALIB = 256  # held-out test images for calibration_queries
 

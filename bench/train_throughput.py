@@ -37,11 +37,11 @@ sys.path.insert(0, str(REPO))
 from bench.report import cpu_name, update_section  # noqa: E402
 from sslhub.data.images import decode_all  # noqa: E402
 from sslhub.data.sources import open_source  # noqa: E402
-from sslhub.encoder import Backbone  # noqa: E402
 from sslhub.methods.base import Batch  # noqa: E402
-from sslhub.optim import build_optimizer  # noqa: E402
-from sslhub.recipe import load_recipe  # noqa: E402
-from sslhub.registry import get_method  # noqa: E402
+from sslhub.methods.registry import get_method  # noqa: E402
+from sslhub.models.backbone import Backbone  # noqa: E402
+from sslhub.train.optim import build_optimizer  # noqa: E402
+from sslhub.train.recipe import load_recipe  # noqa: E402
 
 BATCH = 256
 

@@ -75,8 +75,8 @@ def main() -> None:
     from sslhub import load_encoder
     from sslhub.data.images import decode_all
     from sslhub.data.sources import open_source
-    from sslhub.templates import IMAGENET_TEMPLATES
-    from sslhub.zeroshot import ZeroShotClassifier, build_class_matrix
+    from sslhub.inference.templates import IMAGENET_TEMPLATES
+    from sslhub.inference.zeroshot import ZeroShotClassifier, build_class_matrix
 
     folder = Path(tempfile.mkdtemp())
     model, preprocess, tokenizer = save_open_clip(args.arch, folder)

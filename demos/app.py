@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sslhub.cli import main
+from sslhub.apps.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "runs" / "quickstart" / "export"

@@ -37,7 +37,7 @@ def run_cli(*args: str) -> dict:
     import json
     from contextlib import redirect_stdout
 
-    from sslhub.cli import main
+    from sslhub.apps.cli import main
 
     buf = io.StringIO()
     with redirect_stdout(buf):

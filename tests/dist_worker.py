@@ -8,11 +8,11 @@ import sys
 
 import torch
 
-from sslhub import distributed as D
+import sslhub.distributed as D
 from sslhub.data.augment import ViewConfig
 from sslhub.methods.base import Batch
-from sslhub.recipe import recipe_from_dict
-from sslhub.registry import get_method
+from sslhub.methods.registry import get_method
+from sslhub.train.recipe import recipe_from_dict
 
 STEPS = 2
 SHRINK = {"n_prototypes": 32, "queue_size": 64}  # sizes that are not called *_dim

@@ -6,10 +6,10 @@ Global batch 8, a queue of 2 batches that starts filling at epoch 1 (= step 1 he
 import sys
 from unittest import mock
 
+import dist_worker
 import torch
 
-import dist_worker
-from sslhub import distributed as D
+import sslhub.distributed as D
 
 NAME = "swav-queue"
 ARGS = {"queue_length": 16, "epoch_queue_starts": 1, "n_local_views": 2, "n_prototypes": 64, "temperature": 0.5}

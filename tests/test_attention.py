@@ -1,4 +1,4 @@
-"""``sslhub.attention``: the last block's class-token attention, against a computation written out here.
+"""``sslhub.inference.attention``: the last block's class-token attention, against a computation written out here.
 
 The reference runs the model's token pipeline up to the last block, then computes softmax(q kᵀ / √d)
 from the block's own projection weights by hand; ``attention_heads`` (a pre-hook during
@@ -18,7 +18,14 @@ import torch
 from PIL import Image
 
 from sslhub import load_encoder
-from sslhub.attention import AttentionUnsupported, attention_heads, attention_map, input_region, num_heads, overlay
+from sslhub.inference.attention import (
+    AttentionUnsupported,
+    attention_heads,
+    attention_map,
+    input_region,
+    num_heads,
+    overlay,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "demos" / "examples" / "dog-snow.jpg"
 

@@ -6,10 +6,9 @@ import tarfile
 
 import numpy as np
 import pytest
-import torch
+from conftest import REPO, TINY, run_cli
 from PIL import Image
 
-from conftest import REPO, TINY, run_cli
 from sslhub.data.images import decode_all, open_image
 from sslhub.data.sources import DataError, open_source
 
@@ -124,7 +123,7 @@ def test_training_on_a_messy_imagefolder_completes(tmp_path, messy_folder):
 
 
 def test_cli_reports_bad_data_with_exit_code_2(tmp_path, capsys):
-    from sslhub.cli import main
+    from sslhub.apps.cli import main
     (tmp_path / "empty").mkdir()
     rc = main(["train", str(REPO / "recipes/simclr_cifar10.yaml"), "--set", f"data.train={tmp_path / 'empty'}",
                "--out", str(tmp_path / "run")])

@@ -10,9 +10,9 @@ from torch import nn
 from sslhub.methods.base import Batch
 from sslhub.methods.byol import byol_loss, regression_loss
 from sslhub.methods.common import normalized_std
+from sslhub.methods.registry import get_method
 from sslhub.methods.simsiam import negative_cosine, simsiam_loss
-from sslhub.recipe import recipe_from_dict
-from sslhub.registry import get_method
+from sslhub.train.recipe import recipe_from_dict
 
 ENCODER = {"arch": "resnet18", "cifar_stem": True, "image_size": 16, "model_args": {"channels": [8, 16, 16, 16]}}
 HEADS = {"byol": {"proj_hidden_dim": 32, "proj_dim": 8, "pred_hidden_dim": 32},

@@ -2,9 +2,8 @@
 import json
 
 import pytest
-from PIL import Image
-
 from conftest import REPO, SAMPLE, TINY, run_cli
+from PIL import Image
 
 FLICKR = REPO / "data" / "flickr8k-sample"
 
@@ -34,7 +33,7 @@ def test_eval_zeroshot_and_prompt_check(open_clip_folder, tmp_path, monkeypatch)
 
 
 def test_eval_zeroshot_needs_class_names(open_clip_folder, tmp_path, capsys):
-    from sslhub.cli import main
+    from sslhub.apps.cli import main
     for name in ("a", "b"):
         (tmp_path / "flat").mkdir(exist_ok=True)
         Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "flat" / f"{name}.png")
@@ -53,7 +52,7 @@ def test_eval_retrieval_flickr_protocol(open_clip_folder):
 
 
 def test_eval_retrieval_on_a_vision_only_model_is_clear(sslhub_export, capsys):
-    from sslhub.cli import main
+    from sslhub.apps.cli import main
     rc = main(["eval", "retrieval", "--model", sslhub_export, "--data", str(FLICKR), "--workers", "0"])
     assert rc == 2 and "no text tower" in capsys.readouterr().err
 

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO, run_cli
 from PIL import Image
 
-from conftest import REPO, run_cli
 from sslhub.data.images import decode_all, open_image
 from sslhub.data.sources import DataError, open_source, with_captions
 from sslhub.methods.base import Batch
 from sslhub.methods.clip import CLIP, clip_loss
-from sslhub.recipe import load_recipe
-from sslhub.trainer import pick_captions
+from sslhub.train.recipe import load_recipe
+from sslhub.train.trainer import pick_captions
 
 FLICKR = REPO / "data" / "flickr8k-sample"
 TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,

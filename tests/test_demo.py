@@ -29,18 +29,21 @@ import torch
 from PIL import Image
 
 pytest.importorskip("gradio")
+from conftest import REPO, run_cli  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from sslhub import load_encoder  # noqa: E402
-from sslhub.attention import attention_map, input_region, overlay  # noqa: E402
-from sslhub.cli import build_parser  # noqa: E402
+from sslhub.apps.cli import build_parser  # noqa: E402
+from sslhub.apps.demo import KNN_TEMPERATURE, SHOTS, decode_size, launch  # noqa: E402
 from sslhub.data.images import decode_all, open_image  # noqa: E402
 from sslhub.data.sources import open_source  # noqa: E402
-from sslhub.demo import KNN_TEMPERATURE, SHOTS, decode_size, launch  # noqa: E402
-from sslhub.zeroshot import PrototypeClassifier, ZeroShotClassifier, check_labels  # noqa: E402
-
-from conftest import REPO, run_cli  # noqa: E402
+from sslhub.inference.attention import attention_map, input_region, overlay  # noqa: E402
+from sslhub.inference.zeroshot import (  # noqa: E402
+    PrototypeClassifier,
+    ZeroShotClassifier,
+    check_labels,
+)
 
 FLICKR, CIFAR = REPO / "data" / "flickr8k-sample", REPO / "data" / "cifar10-sample"
 EXAMPLES = REPO / "demos" / "examples"

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from sslhub.methods.base import Batch
 from sslhub.methods.dino import DINO, dino_loss, teacher_probs
-from sslhub.recipe import recipe_from_dict
+from sslhub.train.recipe import recipe_from_dict
+
 
 def make(n_local=3, views=None, **args) -> DINO:
     """A tiny DINO: ResNet-18 with 8–16 channels on 16-px images, 16-px global and 8-px local crops."""

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO
 from dist_worker import STEPS, VARIANTS, assert_grads_close, build, run
-from sslhub.registry import list_methods
+from safetensors.torch import load_file
+
+from sslhub.methods.registry import list_methods
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
             "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0"]

@@ -23,13 +23,13 @@ from typing import Iterator
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import run_cli
 from hub_server import HubServer, client_env, git_blob_sha1
+from safetensors.torch import load_file
+
 from sslhub import load_encoder
-from sslhub.hub import PushError, push_to_hub
-from sslhub.loading import LoadError
+from sslhub.inference.loaders.base import LoadError
+from sslhub.publish.push import PushError, push_to_hub
 
 USER = "sslhub-test"
 TOKEN = "hf_sslhubTestUserWriteToken0123456789"  # the test Hub's token for USER
@@ -64,9 +64,8 @@ def cache(hub, tmp_path) -> Iterator[Path]:
 
 def make_export(folder: Path, seed: int) -> Path:
     """A tiny sslhub export (CIFAR-stem ResNet-18, 8 channels) with seed-dependent random weights."""
-    from sslhub.encoder import Backbone
-    from sslhub.export import export_encoder
-    from sslhub.recipe import EncoderConfig
+    from sslhub.models.backbone import Backbone, EncoderConfig
+    from sslhub.publish.export import export_encoder
 
     torch.manual_seed(seed)
     backbone = Backbone(EncoderConfig(arch="resnet18", cifar_stem=True, image_size=32,
@@ -355,7 +354,7 @@ def test_push_refuses_folders_and_targets_it_cannot_publish(hub, tmp_path, sslhu
                                     (f"{USER}/x", "../main", "a branch name")):
         with pytest.raises(PushError, match=message):
             push_to_hub(sslhub_export, repo, revision=revision)
-    with pytest.raises(PushError, match=f"refused the push \\(403: .*may write to someone-else"):
+    with pytest.raises(PushError, match="refused the push \\(403: .*may write to someone-else"):
         push_to_hub(sslhub_export, "someone-else/x")
 
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from sslhub import load_encoder
-from sslhub.loading import LoadError
+from sslhub.inference.loaders.base import LoadError
 
 ATOL = 1e-5
 TEXTS = ["a cat", "a photo of a cat", "cat", "a small photo of a big cat on a mat, at night", "", "at a cat"]
@@ -98,7 +98,10 @@ def test_open_clip_folder(open_clip_folder, pil_images, form):
 
 
 def test_trimmed_text_equals_encode_text(open_clip_folder):
-    from sslhub.loaders.open_clip_encoder import encode_text_trimmed, trim_unsupported_reason
+    from sslhub.inference.loaders.open_clip_encoder import (
+        encode_text_trimmed,
+        trim_unsupported_reason,
+    )
 
     _, model, _, tokenizer = open_clip_folder
     ids = tokenizer(TEXTS)  # (6, 77)
@@ -165,7 +168,7 @@ def hf_clip_folder(tmp_path_factory):
 def test_transformers_clip_folder(hf_clip_folder, pil_images):
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    from sslhub.loaders.transformers_encoder import _pooled
+    from sslhub.inference.loaders.transformers_encoder import _pooled
 
     folder, model = hf_clip_folder
     enc = load_encoder(f"local-dir:{folder}")
@@ -182,8 +185,14 @@ def test_transformers_clip_folder(hf_clip_folder, pil_images):
 
 @pytest.fixture(scope="module")
 def hf_vision_folders(tmp_path_factory):
-    from transformers import (BitImageProcessor, Dinov2Config, Dinov2Model, ViTImageProcessor, ViTMAEConfig,
-                              ViTMAEForPreTraining)
+    from transformers import (
+        BitImageProcessor,
+        Dinov2Config,
+        Dinov2Model,
+        ViTImageProcessor,
+        ViTMAEConfig,
+        ViTMAEForPreTraining,
+    )
 
     small = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
     torch.manual_seed(0)
@@ -222,7 +231,7 @@ def test_transformers_dinov2_and_mae(hf_vision_folders, pil_images):
 
 # ------------------------------------------------------------------------------------------- hf-hub
 def test_hub_id_parsing():
-    from sslhub.loaders.hub import parse_hub_id
+    from sslhub.inference.loaders.hub import parse_hub_id
 
     assert parse_hub_id("org/name") == ("org/name", None)
     assert parse_hub_id("org/name@v1.0") == ("org/name", "v1.0")
@@ -237,7 +246,7 @@ def test_hub_snapshot_goes_through_folder_logic(timm_folder, monkeypatch):
     import huggingface_hub
     from huggingface_hub.hf_api import RepoSibling
 
-    from sslhub.loaders import hub
+    from sslhub.inference.loaders import hub
 
     folder, model = timm_folder
     calls = {}
@@ -278,7 +287,7 @@ def test_hub_offline_fails_fast(offline):
 def test_unreachable_endpoint_switches_to_offline(monkeypatch):
     from huggingface_hub import constants
 
-    from sslhub.loaders import hub
+    from sslhub.inference.loaders import hub
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub, "_reachable", lambda url, timeout=0: False)

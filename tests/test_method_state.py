@@ -1,15 +1,15 @@
 """Registry-driven: a method's whole training state (EMA targets, queues, centres, pointers) is in its
-``state_dict``, so stopping after a step, checkpointing through ``sslhub.checkpoint`` and resuming in a
+``state_dict``, so stopping after a step, checkpointing through ``sslhub.train.checkpoint`` and resuming in a
 fresh object gives exactly the steps of an uninterrupted run.  No per-method code."""
 import math
 
 import pytest
 import torch
-
-from sslhub.checkpoint import load_state, save_state
-from sslhub.methods.base import Batch
-from sslhub.registry import list_methods
 from test_methods_smoke import recipe_for
+
+from sslhub.methods.base import Batch
+from sslhub.methods.registry import list_methods
+from sslhub.train.checkpoint import load_state, save_state
 
 STEPS = 3
 

@@ -3,11 +3,11 @@ import math
 
 import pytest
 import torch
-
 from conftest import REPO, TINY
+
 from sslhub.methods.base import Batch
-from sslhub.recipe import load_recipe
-from sslhub.registry import list_methods
+from sslhub.methods.registry import list_methods
+from sslhub.train.recipe import load_recipe
 
 
 def recipe_for(name):

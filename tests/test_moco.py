@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslhub import distributed as D
+import sslhub.distributed as D
 from sslhub.methods.base import Batch
 from sslhub.methods.common import cosine_momentum
 from sslhub.methods.moco_v2 import infonce_queue, shuffle_bn_forward
 from sslhub.methods.moco_v3 import ctr_loss
-from sslhub.recipe import recipe_from_dict
-from sslhub.registry import get_method
+from sslhub.methods.registry import get_method
+from sslhub.train.recipe import recipe_from_dict
 
 TINY_RESNET = {"arch": "resnet18", "cifar_stem": True, "image_size": 16, "model_args": {"channels": [8, 16, 16, 16]}}
 TINY_VIT = {"arch": "vit_tiny_patch16_224", "image_size": 16,

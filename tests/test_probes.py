@@ -1,14 +1,13 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import SAMPLE
+
 from sslhub.data.images import decode_all
 from sslhub.data.sources import open_source
-from sslhub.encoder import Backbone
 from sslhub.eval.finetune import finetune
 from sslhub.eval.linear import balanced_subset, linear_probe, low_shot
-from sslhub.recipe import EncoderConfig
+from sslhub.models.backbone import Backbone, EncoderConfig
 
 
 def _blobs(n_per, classes=4, dim=16, noise=0.3, seed=0):

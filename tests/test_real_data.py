@@ -5,7 +5,6 @@ encoder in k-NN on CIFAR-10; LiT on Flickr8k retrieves and classifies zero-shot 
                                                  then embeds 60k images for k-NN; LiT ~20 min)
 """
 import pytest
-
 from conftest import REPO, run_cli, shared_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared_data]

@@ -2,12 +2,12 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
 from sslhub.config import ConfigError
 from sslhub.data.augment import ViewConfig
-from sslhub.recipe import load_recipe, recipe_from_dict
-from sslhub.registry import get_method, list_methods
+from sslhub.methods.registry import get_method, list_methods
+from sslhub.train.recipe import load_recipe, recipe_from_dict
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 

@@ -6,12 +6,11 @@ import sys
 import textwrap
 import time
 
-import pytest
 import torch
+from conftest import REPO, TINY
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY
-from sslhub.checkpoint import load_state
+from sslhub.train.checkpoint import load_state
 
 ARGS = [str(REPO / "recipes/simclr_cifar10.yaml"), *sum((["--set", s] for s in TINY), []),
         "--set", "train.max_steps=10", "--set", "train.ckpt_every=1", "--set", "optim.warmup_epochs=0.5",
@@ -69,7 +68,7 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys
         import safetensors.torch as st
-        import sslhub.checkpoint as ck
+        import sslhub.train.checkpoint as ck
         real, calls = st.save_file, []
         def dying_save(tensors, path, metadata=None):
             calls.append(path)
@@ -79,7 +78,7 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path):
                 os.kill(os.getpid(), signal.SIGKILL)
             real(tensors, path, metadata=metadata)
         ck.save_file = dying_save
-        from sslhub.cli import main
+        from sslhub.apps.cli import main
         sys.exit(main(["train", *{ARGS!r}, "--out", {str(run)!r}]))
     """)
     res = subprocess.run([sys.executable, "-c", script], env=ENV, cwd=REPO, capture_output=True, timeout=300)
@@ -102,7 +101,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_non_finite_loss_stops_with_a_way_forward(tmp_path, capsys):
-    from sslhub.cli import main
+    from sslhub.apps.cli import main
     rc = main(["train", *ARGS[:-1], "--set", "method_args.temperature=0.0", "--set", "train.ckpt_every=100",
                "--out", str(tmp_path / "run"), "--no-progress"])
     err = capsys.readouterr().err

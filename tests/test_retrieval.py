@@ -8,13 +8,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import SAMPLE, shared_data
-from sslhub import retrieval
+
 from sslhub.data.images import decode_all
 from sslhub.data.sources import open_source
-from sslhub.retrieval import (RECALL_TARGET, IndexFileError, build_index, compare_with_exact, image_text_retrieval, load_index,
-                              recall_at_k)
+from sslhub.eval.metrics import image_text_retrieval, recall_at_k
+from sslhub.inference import retrieval
+from sslhub.inference.retrieval import (
+    RECALL_TARGET,
+    IndexFileError,
+    build_index,
+    compare_with_exact,
+    load_index,
+)
 
 
 def unit(n: int, d: int, seed: int = 0) -> np.ndarray:

@@ -4,16 +4,16 @@ import subprocess
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import REPO
 from dist_worker import assert_grads_close
-from sslhub.methods.base import Batch
-from sslhub.methods.swav import sinkhorn, swapped_prediction_loss
-from sslhub.recipe import recipe_from_dict
-from sslhub.registry import get_method
 from swav_queue_worker import STEPS as QUEUE_STEPS
 from swav_queue_worker import queue_run
 from test_distributed import ENV, TORCHRUN
+
+from sslhub.methods.base import Batch
+from sslhub.methods.registry import get_method
+from sslhub.methods.swav import sinkhorn, swapped_prediction_loss
+from sslhub.train.recipe import recipe_from_dict
 
 TINY_ENCODER = {"arch": "resnet18", "cifar_stem": True, "image_size": 16, "model_args": {"channels": [8, 16, 16, 16]}}
 

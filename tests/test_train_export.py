@@ -4,8 +4,8 @@ import subprocess
 import textwrap
 
 import torch
-
 from conftest import REPO, SAMPLE, TINY, python, run_cli
+
 from sslhub import load_encoder
 from sslhub.data.images import decode_all
 from sslhub.data.sources import open_source

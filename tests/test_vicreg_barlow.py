@@ -6,10 +6,10 @@ import torch
 
 from sslhub.methods.barlow_twins import barlow_twins_loss, cross_correlation
 from sslhub.methods.base import Batch
+from sslhub.methods.registry import get_method
 from sslhub.methods.vicreg import covariance_loss, variance_loss, vicreg_loss
-from sslhub.optim import LARS, param_groups
-from sslhub.recipe import recipe_from_dict
-from sslhub.registry import get_method
+from sslhub.train.optim import LARS, param_groups
+from sslhub.train.recipe import recipe_from_dict
 
 TINY_ENCODER = {"arch": "resnet18", "cifar_stem": True, "image_size": 16, "model_args": {"channels": [8, 16, 16, 16]}}
 TINY_HEAD = {"proj_hidden_dim": 32, "proj_dim": 16, "views": {"size": 16}, "views2": {"size": 16}}

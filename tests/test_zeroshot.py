@@ -2,14 +2,22 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SAMPLE
 from PIL import Image
 
-from conftest import SAMPLE
 from sslhub import load_encoder
 from sslhub.data.images import decode_all
 from sslhub.data.sources import open_source
-from sslhub.templates import CIFAR_TEMPLATES, IMAGENET_TEMPLATES, resolve_templates
-from sslhub.zeroshot import PrototypeClassifier, ZeroShotClassifier, check_labels
+from sslhub.inference.templates import (
+    CIFAR_TEMPLATES,
+    IMAGENET_TEMPLATES,
+    resolve_templates,
+)
+from sslhub.inference.zeroshot import (
+    PrototypeClassifier,
+    ZeroShotClassifier,
+    check_labels,
+)
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -53,7 +61,7 @@ def test_class_matrix_cache_memory_and_disk(open_clip_folder, tmp_path):
     enc.embed_text = None  # a cache hit must not touch the text tower
     b = ZeroShotClassifier(enc, CLASSES[:3], templates=IMAGENET_TEMPLATES[:5])
     assert torch.equal(a.weights, b.weights)
-    from sslhub import zeroshot
+    from sslhub.inference import zeroshot
     zeroshot._MEMORY_CACHE.clear()
     c = ZeroShotClassifier(enc, CLASSES[:3], templates=IMAGENET_TEMPLATES[:5])  # from disk
     assert torch.equal(a.weights, c.weights)
@@ -77,9 +85,8 @@ def test_bad_labels_and_templates(open_clip_folder):
 
 
 def test_vision_only_encoder_is_refused_with_a_way_out(tmp_path):
-    from sslhub.encoder import Backbone
-    from sslhub.export import export_encoder
-    from sslhub.recipe import EncoderConfig
+    from sslhub.models.backbone import Backbone, EncoderConfig
+    from sslhub.publish.export import export_encoder
 
     export_encoder(Backbone(EncoderConfig(arch="resnet18", image_size=32, model_args={"channels": [8, 8, 8, 8]})),
                    tmp_path / "e")
@@ -107,9 +114,8 @@ def test_prompt_check_flags_confusable_labels():
 
 
 def test_prototype_classifier_is_nearest_class_mean(tmp_path):
-    from sslhub.encoder import Backbone
-    from sslhub.export import export_encoder
-    from sslhub.recipe import EncoderConfig
+    from sslhub.models.backbone import Backbone, EncoderConfig
+    from sslhub.publish.export import export_encoder
 
     torch.manual_seed(0)
     export_encoder(Backbone(EncoderConfig(arch="resnet18", cifar_stem=True, image_size=32,

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .sources import DataError, Sample, Source, captions_of
+from sslhub.data.sources import DataError, Sample, Source, captions_of
 
 log = logging.getLogger("sslhub.data")
 Image.MAX_IMAGE_PIXELS = 200_000_000  # decompression-bomb guard; 20 MP photos are fine

@@ -26,6 +26,8 @@ from typing import Optional
 
 from braceexpand import braceexpand
 
+from sslhub import formats
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 SHARD_EXTS = (".tar", ".tar.gz", ".tgz")
 
@@ -101,7 +103,7 @@ def _read_shard(path: Path, skipped: list[str]) -> list[Sample]:
 
 
 def _shards_from_folder(folder: Path, split: str) -> tuple[list[Path], Optional[list[str]]]:
-    meta_file = folder / "dataset.json"
+    meta_file = folder / formats.DATASET_JSON
     if meta_file.is_file():
         try:
             meta = json.loads(meta_file.read_text())
@@ -117,7 +119,7 @@ def _shards_from_folder(folder: Path, split: str) -> tuple[list[Path], Optional[
 
 
 def _classes_from_json(folder: Path) -> Optional[list[str]]:
-    meta = folder / "dataset.json"
+    meta = folder / formats.DATASET_JSON
     if meta.is_file():
         try:
             return json.loads(meta.read_text()).get("classes")
@@ -140,7 +142,7 @@ def open_source(spec: str | Path, split: str = "train") -> Source:
     p = Path(spec)
     if p.is_dir():
         subdirs = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
-        has_shards = (p / "dataset.json").is_file() or any(_is_shard(c) for c in p.iterdir())
+        has_shards = (p / formats.DATASET_JSON).is_file() or any(_is_shard(c) for c in p.iterdir())
         if has_shards:
             shards, classes = _shards_from_folder(p, split)
         elif subdirs and any(_images_in(d) for d in subdirs):

@@ -15,9 +15,9 @@ from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.augment import BatchAugment, ViewConfig, eval_transform
-from ..data.images import DecodedImages
-from ..optim import cosine_schedule
+from sslhub.data.augment import BatchAugment, ViewConfig, eval_transform
+from sslhub.data.images import DecodedImages
+from sslhub.schedules import cosine_schedule
 
 
 def finetune(backbone: nn.Module, train: DecodedImages, test: DecodedImages, epochs: float = 10, lr: float = 1e-3,

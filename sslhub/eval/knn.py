@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.augment import eval_transform
+from sslhub.data.augment import eval_transform
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Evaluations on a loaded :class:`~sslhub.loading.Encoder`, shared by the CLI and the trainer.
+"""Evaluations on a loaded :class:`~sslhub.inference.load.Encoder`, shared by the CLI and the trainer.
 
 Each takes an encoder and a data spec (anything ``open_source`` reads) and returns a JSON-able dict:
 k-NN on frozen features, zero-shot classification with prompt templates, image↔text retrieval.
@@ -10,6 +10,12 @@ from typing import Sequence
 
 import torch
 
+from sslhub.data.images import decode_all
+from sslhub.data.sources import DataError, open_source
+from sslhub.eval.knn import knn_eval
+from sslhub.eval.metrics import image_text_retrieval
+from sslhub.inference.zeroshot import ZeroShotClassifier, check_labels
+
 
 def decode_size(enc) -> int:
     """The size to decode images at: the one the encoder centre-crops from (its preprocessing does the rest)."""
@@ -17,9 +23,6 @@ def decode_size(enc) -> int:
 
 
 def decode(enc, spec: str, split: str, workers: int = 2, what: str = "images", progress: bool = True):
-    from ..data.images import decode_all
-    from ..data.sources import open_source
-
     return decode_all(open_source(spec, split), decode_size(enc), workers, progress=progress, desc=f"decoding {what}")
 
 
@@ -31,8 +34,6 @@ def features(enc, data, progress: bool = True) -> torch.Tensor:
 def knn(enc, bank: str, bank_split: str, test: str, test_split: str, ks: Sequence[int] = (20, 200),
         temperature: float = 0.07, workers: int = 2, progress: bool = True) -> dict:
     """Weighted k-NN top-1/top-5 (%) of ``test`` against the labelled ``bank`` (see ``eval.knn``)."""
-    from .knn import knn_eval
-
     b = decode(enc, bank, bank_split, workers, "bank", progress)
     t = decode(enc, test, test_split, workers, "test", progress)
     res = knn_eval(features(enc, b, progress), b.labels, features(enc, t, progress), t.labels, ks=tuple(ks),
@@ -53,8 +54,6 @@ def zeroshot(enc, data: str, split: str = "test", templates: str | Sequence[str]
 
     ``classes`` default to the data's own class names (``dataset.json`` or ImageFolder folders).
     """
-    from ..zeroshot import ZeroShotClassifier, check_labels
-
     test = decode(enc, data, split, workers, "test", progress)
     names = list(classes or test.classes or [])
     if not names:
@@ -69,8 +68,6 @@ def zeroshot(enc, data: str, split: str = "test", templates: str | Sequence[str]
 
 def image_text_pairs(enc, data: str, split: str, workers: int = 2, progress: bool = True):
     """Decoded images, all their captions ``(M,)`` and the image each caption belongs to ``(M,)``."""
-    from ..data.sources import DataError
-
     decoded = decode(enc, data, split, workers, "images", progress)
     if decoded.texts is None or not all(decoded.texts):
         missing = next((k for k, t in zip(decoded.keys, decoded.texts or [[]] * len(decoded)) if not t), "?")
@@ -83,8 +80,6 @@ def image_text_pairs(enc, data: str, split: str, workers: int = 2, progress: boo
 def retrieval(enc, data: str, split: str = "test", ks: Sequence[int] = (1, 5, 10), workers: int = 2,
               progress: bool = True) -> dict:
     """Image→text and text→image recall@k (%) over every image and caption of ``data`` (Flickr/COCO protocol)."""
-    from ..retrieval import image_text_retrieval
-
     decoded, captions, owner = image_text_pairs(enc, data, split, workers, progress)
     img = features(enc, decoded, progress)
     txt = enc.embed_text(captions, normalize=True, progress=progress)

@@ -1,12 +1,17 @@
-"""Built-in methods.  Importing this package registers each one (one import line per method)."""
-from . import barlow_twins  # noqa: F401
-from . import byol  # noqa: F401
-from . import clip  # noqa: F401
-from . import dino  # noqa: F401
-from . import moco_v2  # noqa: F401
-from . import moco_v3  # noqa: F401
-from . import rotation  # noqa: F401
-from . import simclr  # noqa: F401
-from . import simsiam  # noqa: F401
-from . import swav  # noqa: F401
-from . import vicreg  # noqa: F401
+"""Built-in methods. Importing this package (or anything in it) registers each one: one import line per method."""
+from sslhub.methods import (
+    barlow_twins,  # noqa: F401
+    byol,  # noqa: F401
+    clip,  # noqa: F401
+    dino,  # noqa: F401
+    moco_v2,  # noqa: F401
+    moco_v3,  # noqa: F401
+    rotation,  # noqa: F401
+    simclr,  # noqa: F401
+    simsiam,  # noqa: F401
+    swav,  # noqa: F401
+    vicreg,  # noqa: F401
+)
+from sslhub.methods.registry import get_method, list_methods, register_method
+
+__all__ = ["get_method", "list_methods", "register_method"]

@@ -23,11 +23,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .. import distributed as D
-from ..data.augment import ViewConfig
-from ..registry import register_method
-from .base import Batch, Method, MethodConfig
-from .common import check_positive, normalized_std, off_diagonal, projection_mlp
+import sslhub.distributed as D
+from sslhub.data.augment import ViewConfig
+from sslhub.methods.base import Batch, Method, MethodConfig
+from sslhub.methods.common import (
+    check_positive,
+    normalized_std,
+    off_diagonal,
+    projection_mlp,
+)
+from sslhub.methods.registry import register_method
 
 
 def cross_correlation(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:

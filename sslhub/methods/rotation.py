@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import ViewConfig, eval_transform, rotate90
-from ..registry import register_method
-from .base import Batch, Method, MethodConfig
+from sslhub.data.augment import ViewConfig, eval_transform, rotate90
+from sslhub.methods.base import Batch, Method, MethodConfig
+from sslhub.methods.registry import register_method
 
 NUM_ROTATIONS = 4  # 0°, 90°, 180°, 270°
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .. import distributed as D
-from ..data.augment import ViewConfig
-from ..registry import register_method
-from .base import Batch, Method, MethodConfig
-from .common import projection_mlp
+import sslhub.distributed as D
+from sslhub.data.augment import ViewConfig
+from sslhub.methods.base import Batch, Method, MethodConfig
+from sslhub.methods.common import projection_mlp
+from sslhub.methods.registry import register_method
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:

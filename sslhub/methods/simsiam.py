@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..data.augment import ViewConfig
-from ..registry import register_method
-from .base import Batch, Method, MethodConfig
-from .common import check_positive, normalized_std, projection_mlp
+from sslhub.data.augment import ViewConfig
+from sslhub.methods.base import Batch, Method, MethodConfig
+from sslhub.methods.common import check_positive, normalized_std, projection_mlp
+from sslhub.methods.registry import register_method
 
 
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed as D
-from ..data.augment import ViewConfig
-from ..registry import register_method
-from .base import Batch, Method, MethodConfig
-from .common import forward_multicrop, projection_mlp
+import sslhub.distributed as D
+from sslhub.data.augment import ViewConfig
+from sslhub.methods.base import Batch, Method, MethodConfig
+from sslhub.methods.common import forward_multicrop, projection_mlp
+from sslhub.methods.registry import register_method
 
 N_GLOBAL_VIEWS = 2  # the two full-resolution crops ([0] §3.2)
 

@@ -5,7 +5,9 @@ import csv
 import logging
 from pathlib import Path
 
-log = logging.getLogger("sslhub.plots")
+from sslhub import formats
+
+log = logging.getLogger("sslhub.train.plots")
 SKIP = {"step", "epoch"}
 
 
@@ -38,7 +40,7 @@ def plot_curves(metrics_csv: str | Path, out: str | Path | None = None) -> Path 
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.tight_layout()
-    out = Path(out) if out else metrics_csv.with_name("training_curves.png")
+    out = Path(out) if out else metrics_csv.with_name(formats.RUN_CURVES)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

@@ -9,6 +9,7 @@ once ``sslhub`` is imported.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import timm
@@ -16,8 +17,19 @@ import torch
 from timm.models import build_model_with_cfg, register_model
 from torch import nn
 
-from .config import to_dict
-from .recipe import EncoderConfig
+from sslhub.config import to_dict
+
+
+@dataclass
+class EncoderConfig:
+    arch: str = "resnet18"  # any timm architecture name
+    cifar_stem: bool = False  # ResNets: 3x3 stride-1 first conv, no max-pool (for 32-px images)
+    image_size: int = 224  # input size the encoder is trained and served at
+    model_args: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs (e.g. patch_size)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
 
 CIFAR_SUFFIX = "_cifar"
 # CIFAR-stem variants registered with timm at import (others are registered on first use).

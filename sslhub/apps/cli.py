@@ -20,15 +20,22 @@ import json
 import logging
 import sys
 
-from . import __version__
-from . import cli_commands as C
+from sslhub._version import __version__
+from sslhub.apps import commands as C
+from sslhub.apps.demo import launch
+from sslhub.config import ConfigError
+from sslhub.data.images import BadImage
+from sslhub.data.sources import DataError
+from sslhub.inference.loaders.base import LoadError
+from sslhub.methods.registry import list_methods
+from sslhub.publish.push import push_command
+from sslhub.train.checkpoint import CheckpointError
+from sslhub.train.recipe import load_recipe
+from sslhub.train.trainer import NonFiniteLoss, train
 
 
 def _train(args: argparse.Namespace) -> dict:
     from pathlib import Path
-
-    from .recipe import load_recipe
-    from .trainer import train
 
     recipe = load_recipe(args.recipe, args.set)
     out = args.out or str(Path("runs") / Path(args.recipe).stem)
@@ -36,21 +43,15 @@ def _train(args: argparse.Namespace) -> dict:
 
 
 def _push(args: argparse.Namespace) -> dict:
-    from .hub import push_command
-
     return push_command(args)
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import launch
-
     launch(args.model, index=args.index, data=args.data, split=args.split, host=args.host, port=args.port,
            share=args.share)
 
 
 def _methods(args: argparse.Namespace) -> dict:
-    from .registry import list_methods
-
     methods = {name: cls.paper for name, cls in list_methods().items()}
     for name, paper in methods.items():
         print(f"{name:12s} {paper}", file=sys.stderr)
@@ -188,13 +189,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("sslhub").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data.images import BadImage
-    from .data.sources import DataError
-    from .loading import LoadError
-    from .trainer import NonFiniteLoss
-
     try:
         result = args.func(args)
     except (ConfigError, DataError, LoadError, CheckpointError, BadImage, NonFiniteLoss, FileNotFoundError,

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..loading import Encoder, LoadError
+from sslhub import formats
+from sslhub.inference.loaders.base import Encoder, LoadError, read_json
 
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -60,7 +61,7 @@ class TransformersEncoder(Encoder):
         from transformers import AutoImageProcessor
 
         proc = None
-        if (folder / "preprocessor_config.json").is_file():
+        if (folder / formats.PREPROCESSOR_CONFIG).is_file():
             try:
                 proc = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
             except Exception as e:  # transformers raises OSError/ValueError/KeyError for bad processor files
@@ -169,9 +170,7 @@ def _tokenizer(folder: Path, name: str):
 def load_transformers_folder(folder: Path, name: str) -> TransformersEncoder:
     import transformers
 
-    from ..loading import read_json
-
-    model_type = read_json(folder / "config.json")["model_type"]
+    model_type = read_json(folder / formats.CONFIG)["model_type"]
     cls_name, enc_cls, overrides, dim_of = FAMILIES[model_type]
     try:
         model, info = getattr(transformers, cls_name).from_pretrained(

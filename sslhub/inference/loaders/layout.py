@@ -14,10 +14,19 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from ..loading import ACCEPTED_FORMS, Encoder, LoadError, load_sslhub_folder, read_json
+from sslhub import formats
+from sslhub.inference.loaders.base import (
+    ACCEPTED_FORMS,
+    Encoder,
+    LoadError,
+    pickle_error,
+    read_json,
+)
+from sslhub.inference.loaders.open_clip_encoder import load_open_clip_folder
+from sslhub.inference.loaders.sslhub_encoder import load_sslhub_folder
+from sslhub.inference.loaders.timm_encoder import load_timm_folder
+from sslhub.inference.loaders.transformers_encoder import load_transformers_folder
 
-OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pth.tar", ".ckpt", ".pkl")
 # transformers model_type → the loader family (transformers_encoder.FAMILIES has the model classes)
 TRANSFORMERS_TYPES = ("clip", "siglip", "dinov2", "vit", "vit_mae")
 
@@ -26,28 +35,28 @@ def detect_layout(folder: Path, name: str = "") -> str:
     """``"sslhub" | "open_clip" | "timm" | "transformers"``, or a :class:`LoadError` saying what is missing."""
     what = name or str(folder)
     files = {p.name for p in folder.iterdir() if p.is_file()}
-    config = read_json(folder / "config.json") if "config.json" in files else None
+    config = read_json(folder / formats.CONFIG) if formats.CONFIG in files else None
     if config is not None and not isinstance(config, dict):
         raise LoadError(f"{what}: config.json is not a JSON object")
-    pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
-    has_open_clip_cfg = "open_clip_config.json" in files
+    pickles = sorted(f for f in files if f.endswith(formats.PICKLE_SUFFIXES))
+    has_open_clip_cfg = formats.OPEN_CLIP_CONFIG in files
     if config is not None and "sslhub" in config:
         return "sslhub"
-    if has_open_clip_cfg and files.intersection(OPEN_CLIP_WEIGHTS):
+    if has_open_clip_cfg and files.intersection(formats.OPEN_CLIP_WEIGHTS_ALT):
         return "open_clip"
     if config is not None and "architecture" in config:
-        family, weights = "timm", "model.safetensors" in files
+        family, weights = "timm", formats.WEIGHTS in files
     elif config is not None and "model_type" in config:
         if config["model_type"] not in TRANSFORMERS_TYPES:
             raise LoadError(f"{what}: a transformers folder of model_type {config['model_type']!r}, which sslhub "
                             f"does not embed with (supported: {', '.join(TRANSFORMERS_TYPES)})")
         family = "transformers"
-        weights = "model.safetensors" in files or "model.safetensors.index.json" in files
+        weights = formats.WEIGHTS in files or formats.WEIGHTS_INDEX in files
     elif has_open_clip_cfg:
         family, weights = "open_clip", False
     else:
         if pickles:
-            raise pickle_error(what, pickles, "model.safetensors")
+            raise pickle_error(what, pickles, formats.WEIGHTS)
         raise LoadError(f"{what} is a folder but not a model (files: {', '.join(sorted(files)[:8]) or 'none'}).\n"
                         f"{ACCEPTED_FORMS}")
     if weights:
@@ -55,19 +64,10 @@ def detect_layout(folder: Path, name: str = "") -> str:
             warnings.warn(f"{what}: open_clip_config.json without safetensors open_clip weights; loading the "
                           "timm image tower (model.safetensors) only, without a text tower", stacklevel=3)
         return family
-    target = "open_clip_model.safetensors" if family == "open_clip" else "model.safetensors"
+    target = formats.OPEN_CLIP_WEIGHTS if family == "open_clip" else formats.WEIGHTS
     if pickles:
         raise pickle_error(what, pickles, target)
     raise LoadError(f"{what}: a {family} folder without weights: expected {target} beside the config")
-
-
-def pickle_error(what: str, pickles: list[str], target: str) -> LoadError:
-    return LoadError(
-        f"{what}: the weights are pickle files only ({', '.join(pickles)}); sslhub loads safetensors only, because "
-        "unpickling a file can run arbitrary code. If you trust this checkpoint, convert it once: "
-        f"state = torch.load('{pickles[0]}', map_location='cpu', weights_only=True) (take state['state_dict'] if "
-        f"it is nested), then safetensors.torch.save_file(state, '{target}') in the same folder; for a "
-        "transformers folder, Model.from_pretrained(folder).save_pretrained(folder) writes safetensors.")
 
 
 def load_folder(folder: Path, name: str) -> Encoder:
@@ -76,16 +76,10 @@ def load_folder(folder: Path, name: str) -> Encoder:
     if family == "sslhub":
         enc = load_sslhub_folder(folder)
     elif family == "timm":
-        from .timm_encoder import load_timm_folder
-
         enc = load_timm_folder(folder, name)
     elif family == "open_clip":
-        from .open_clip_encoder import load_open_clip_folder
-
         enc = load_open_clip_folder(folder, name)
     else:
-        from .transformers_encoder import load_transformers_folder
-
         enc = load_transformers_folder(folder, name)
     enc.name = name
     return enc

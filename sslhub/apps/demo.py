@@ -15,7 +15,7 @@ Tabs (each endpoint has an ``api_name`` for ``gradio_client``):
 - nearest neighbours (``/neighbours``): the closest indexed images with their labels and a
   similarity-weighted k-NN vote.
 - attention (``/attention``): for ViT encoders, the last layer's class-token attention over the image
-  (``sslhub.attention``).
+  (``sslhub.inference.attention``).
 
 The index is a saved folder (``sslhub index build``) or a data set embedded at start (``data=``).
 Safety: binds 127.0.0.1 unless told otherwise, no share link unless asked, Gradio analytics off (set
@@ -38,15 +38,26 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
 
-from .attention import AttentionUnsupported, attention_map, input_region, num_heads, overlay  # noqa: E402
-from .data.images import BadImage, decode_all, open_image, to_rgb  # noqa: E402
-from .data.sources import Sample, open_source  # noqa: E402
-from .loading import Encoder, load_encoder  # noqa: E402
-from .retrieval import Index, build_index, load_index  # noqa: E402
-from .templates import TEMPLATE_SETS  # noqa: E402
-from .zeroshot import PrototypeClassifier, ZeroShotClassifier, check_labels  # noqa: E402
+from sslhub.data.images import BadImage, decode_all, open_image, to_rgb  # noqa: E402
+from sslhub.data.sources import Sample, open_source  # noqa: E402
+from sslhub.inference.attention import (  # noqa: E402
+    AttentionUnsupported,
+    attention_map,
+    input_region,
+    num_heads,
+    overlay,
+)
+from sslhub.inference.load import load_encoder  # noqa: E402
+from sslhub.inference.loaders.base import Encoder
+from sslhub.inference.retrieval import Index, build_index, load_index  # noqa: E402
+from sslhub.inference.templates import TEMPLATE_SETS  # noqa: E402
+from sslhub.inference.zeroshot import (  # noqa: E402
+    PrototypeClassifier,
+    ZeroShotClassifier,
+    check_labels,
+)
 
-log = logging.getLogger("sslhub.demo")
+log = logging.getLogger("sslhub.apps.demo")
 
 MAX_PIXELS = 50_000_000  # refused above this: decoding alone would take ≥ 150 MB per request
 WORK_SIDE = 1024  # uploads are downscaled to this longest side (every encoder's input is far smaller)
@@ -56,7 +67,7 @@ SHOTS = 16  # few-shot prototype classifier: images per class taken from the ind
 KNN_TEMPERATURE = 0.07  # k-NN vote weights exp(similarity / T), the DINO / InstDisc k-NN protocol
 THUMB_SIDE = 256  # gallery thumbnails
 TABLE = ["rank", "score", "label", "caption", "id"]  # the result tables' columns
-EXAMPLES = Path(__file__).resolve().parents[1] / "demos" / "examples"  # present in a source checkout
+EXAMPLES = Path(__file__).resolve().parents[2] / "demos" / "examples"  # present in a source checkout
 NO_INDEX = ("No index loaded: start the demo with `--data DATA` (a folder of images or shards, embedded at "
             "start) or `--index FOLDER` (saved by `sslhub index build`).")
 

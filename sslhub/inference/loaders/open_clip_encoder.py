@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..loading import Encoder, LoadError, read_json
-from .hub import download_error, is_network_error, network_guard
-
-TEXT_CONFIG_DIR = "text_config"  # a transformers text tower's config.json, beside open_clip_config.json
+from sslhub import formats
+from sslhub.inference.loaders.base import Encoder, LoadError, read_json
+from sslhub.inference.loaders.hub import download_error, is_network_error, network_guard
 
 
 def trim_unsupported_reason(model: nn.Module) -> str | None:
@@ -136,17 +135,17 @@ def load_open_clip_folder(folder: Path, name: str) -> OpenClipEncoder:
     """open_clip_config.json + open_clip_model.safetensors (the layout ``hf-hub:`` open_clip repos use)."""
     import open_clip
 
-    config = read_json(folder / "open_clip_config.json")
+    config = read_json(folder / formats.OPEN_CLIP_CONFIG)
     if not isinstance(config.get("model_cfg"), dict) or "embed_dim" not in config["model_cfg"]:
         raise LoadError(f"{name}: open_clip_config.json has no model_cfg with embed_dim (expected "
                         '{"model_cfg": {...}, "preprocess_cfg": {...}})')
     spec = f"local-dir:{folder.resolve()}"
     overrides = {}
     text_cfg = config["model_cfg"].get("text_cfg", {})
-    if text_cfg.get("hf_model_name") and (folder / TEXT_CONFIG_DIR / "config.json").is_file():
+    if text_cfg.get("hf_model_name") and (folder / formats.TEXT_CONFIG_DIR / formats.CONFIG).is_file():
         # A transformers text tower (sslhub's CLIP exports): its config travels in the folder, so the
         # tower is built offline; the weights come from open_clip_model.safetensors as usual.
-        overrides["text_cfg"] = {**text_cfg, "hf_model_name": str((folder / TEXT_CONFIG_DIR).resolve()),
+        overrides["text_cfg"] = {**text_cfg, "hf_model_name": str((folder / formats.TEXT_CONFIG_DIR).resolve()),
                                  "hf_model_pretrained": False}
     model, _, preprocess = _build(lambda: open_clip.create_model_and_transforms(spec, **overrides), name, local=True)
     tokenizer = _build(lambda: open_clip.get_tokenizer(spec), name, local=True)

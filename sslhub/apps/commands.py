@@ -7,11 +7,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sslhub.data.sources import open_source
+from sslhub.eval import protocols
+from sslhub.eval.finetune import finetune
+from sslhub.eval.linear import linear_probe, low_shot
+from sslhub.inference.load import load_encoder
+from sslhub.inference.retrieval import build_index, load_index
+from sslhub.publish.card import card_index
+
 
 def eval_knn(args: argparse.Namespace) -> dict:
-    from .eval import protocols
-    from .loading import load_encoder
-
     enc = load_encoder(args.model)
     res = protocols.knn(enc, args.train, args.train_split, args.test, args.test_split, ks=args.k,
                         temperature=args.temperature, workers=args.workers)
@@ -20,10 +25,6 @@ def eval_knn(args: argparse.Namespace) -> dict:
 
 
 def eval_linear(args: argparse.Namespace) -> dict:
-    from .eval import protocols
-    from .eval.linear import linear_probe, low_shot
-    from .loading import load_encoder
-
     enc = load_encoder(args.model)
     train = protocols.decode(enc, args.train, args.train_split, args.workers, "train")
     test = protocols.decode(enc, args.test, args.test_split, args.workers, "test")
@@ -33,8 +34,6 @@ def eval_linear(args: argparse.Namespace) -> dict:
     if args.low_shot:
         out["low_shot"] = low_shot(ftr, train.labels, fte, test.labels, fractions=tuple(args.low_shot))
     if args.finetune_epochs:
-        from .eval.finetune import finetune
-
         if enc.kind != "sslhub":
             raise ValueError("--finetune-epochs needs an sslhub export (its backbone is trained in place)")
         out["finetune"] = finetune(enc.model, train, test, epochs=args.finetune_epochs, lr=args.finetune_lr,
@@ -43,9 +42,6 @@ def eval_linear(args: argparse.Namespace) -> dict:
 
 
 def eval_zeroshot(args: argparse.Namespace) -> dict:
-    from .eval import protocols
-    from .loading import load_encoder
-
     enc = load_encoder(args.model)
     names = None
     if args.classes:
@@ -60,9 +56,6 @@ def eval_zeroshot(args: argparse.Namespace) -> dict:
 
 
 def eval_retrieval(args: argparse.Namespace) -> dict:
-    from .eval import protocols
-    from .loading import load_encoder
-
     enc = load_encoder(args.model)
     res = protocols.retrieval(enc, args.data, args.split, ks=args.k, workers=args.workers)
     return {"model": args.model, "data": args.data, "split": args.split, "images": res["images"],
@@ -70,11 +63,6 @@ def eval_retrieval(args: argparse.Namespace) -> dict:
 
 
 def index_build(args: argparse.Namespace) -> dict:
-    from .data.sources import open_source
-    from .eval import protocols
-    from .loading import load_encoder
-    from .retrieval import build_index
-
     enc = load_encoder(args.model)
     data = protocols.decode(enc, args.data, args.split, args.workers, "images")
     classes = data.classes or open_source(args.data, args.split).classes
@@ -87,9 +75,6 @@ def index_build(args: argparse.Namespace) -> dict:
 
 
 def index_search(args: argparse.Namespace) -> dict:
-    from .loading import load_encoder
-    from .retrieval import load_index
-
     index = load_index(args.index)
     model = args.model or index.info.get("model")
     if not model:
@@ -106,8 +91,6 @@ def index_search(args: argparse.Namespace) -> dict:
 
 
 def cards(args: argparse.Namespace) -> dict:
-    from .card import card_index
-
     text = card_index(args.exports, " ".join(["--out", args.out, *args.exports]))
     Path(args.out).write_text(text)
     return {"written": args.out, "checkpoints": len(args.exports)}

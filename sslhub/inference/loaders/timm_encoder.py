@@ -10,8 +10,9 @@ from pathlib import Path
 
 from torch import nn
 
-from ..loading import Encoder, LoadError
-from .hub import download_error, is_network_error, network_guard
+from sslhub import formats
+from sslhub.inference.loaders.base import Encoder, LoadError, read_json
+from sslhub.inference.loaders.hub import download_error, is_network_error, network_guard
 
 
 class TimmEncoder(Encoder):
@@ -49,9 +50,7 @@ def load_timm_folder(folder: Path, name: str) -> TimmEncoder:
     """A folder with timm's config.json (``"architecture"``) and model.safetensors."""
     import timm
 
-    from ..loading import read_json
-
-    arch = read_json(folder / "config.json")["architecture"]
+    arch = read_json(folder / formats.CONFIG)["architecture"]
     if not timm.is_model(arch):
         raise LoadError(f"{name}: config.json names architecture {arch!r}, which this timm ({timm.__version__}) "
                         "does not have; a newer timm may (pip install -U timm)")

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
-from .recipe import OptimConfig
+from sslhub.train.recipe import OptimConfig
 
 
 class LARS(torch.optim.Optimizer):
@@ -77,14 +76,3 @@ def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig, lr: float) -> 
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas)
-
-
-def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
-                    warmup_start: float = 0.0) -> np.ndarray:
-    """Per-step values: linear warm-up from ``warmup_start`` to ``base``, then cosine to ``final``."""
-    warmup_steps = min(warmup_steps, total_steps)
-    warm = np.linspace(warmup_start, base, warmup_steps, endpoint=False) if warmup_steps else np.array([])
-    t = np.arange(total_steps - warmup_steps)
-    span = max(total_steps - warmup_steps, 1)
-    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / span))
-    return np.concatenate([warm, cos])

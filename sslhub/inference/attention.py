@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .data.images import open_image, to_rgb
+from sslhub.data.images import open_image, to_rgb
 
 ImageLike = Union[str, Path, Image.Image]
 

@@ -1,18 +1,16 @@
-"""The method registry: a name → method class mapping filled by ``@register_method``.
+"""The method registry: a name → method class mapping filled by ``@register_method`` (a leaf module).
 
 Adding a method is one file in ``sslhub/methods/`` decorated with ``@register_method("name")``
 plus one import line in ``sslhub/methods/__init__.py``; the CLI, the recipes and the
-registry-parametrized tests pick it up from here.
+registry-parametrized tests pick it up from here. As in timm, the registry imports nothing of sslhub:
+the ``sslhub.methods`` package imports every method (so importing anything in it registers them all).
 """
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import Callable, TypeVar
 
-if TYPE_CHECKING:
-    from .methods.base import Method
-
-_METHODS: dict[str, type["Method"]] = {}
+_METHODS: dict[str, type] = {}
 M = TypeVar("M", bound=type)
 
 
@@ -29,9 +27,8 @@ def register_method(name: str) -> Callable[[M], M]:
     return deco
 
 
-def get_method(name: str) -> type["Method"]:
-    from . import methods  # noqa: F401  (registers the built-in methods)
-
+def get_method(name: str) -> type:
+    """The method class registered as ``name``; a ``KeyError`` naming the close ones otherwise."""
     try:
         return _METHODS[name]
     except KeyError:
@@ -40,7 +37,5 @@ def get_method(name: str) -> type["Method"]:
         raise KeyError(f"unknown method {name!r}.{hint} Known methods: {', '.join(sorted(_METHODS))}") from None
 
 
-def list_methods() -> dict[str, type["Method"]]:
-    from . import methods  # noqa: F401
-
+def list_methods() -> dict[str, type]:
     return dict(sorted(_METHODS.items()))

@@ -1,45 +1,28 @@
-"""``load_encoder(name)``: one loader, one interface, whatever made the weights.
+"""The loaders' base: the ``Encoder`` interface every family implements, ``LoadError``, ``read_json``.
 
-    encoder = load_encoder("runs/simclr/export")        # an sslhub export (or "local-dir:PATH")
-    encoder = load_encoder("hf-hub:timm/vit_small_patch14_dinov2.lvd142m")
-    encoder = load_encoder("open_clip:ViT-B-32/laion2b_s34b_b79k")
-    x = encoder.preprocess(pil_image)                   # (3, S, S) the weights' own preprocessing
-    feats = encoder.embed_images(["a.jpg", pil, ...])   # (N, encoder.dim)
-    text = encoder.embed_text(["a photo of a dog"])     # (N, encoder.dim) where encoder.has_text
-
-Accepted names (``ACCEPTED_FORMS``): a folder (``PATH`` or ``local-dir:PATH``) in any of four layouts —
-an sslhub export, timm's Hub layout, open_clip's Hub layout, a transformers ``save_pretrained`` folder —
-recognised from its files; ``hf-hub:ORG/NAME[@REVISION]`` (the same layouts, fetched);
-``timm:MODEL[.TAG]`` and ``open_clip:ARCH/TAG`` (the libraries' own pretrained weights).
-Weights are read from safetensors only: pickle checkpoints are refused (unpickling runs code).
-
-One small ``Encoder`` subclass per family (``sslhub.loaders``) supplies the forward passes; the base
-class here owns batching, image decoding, text ordering and normalisation.
+One small ``Encoder`` subclass per family (``timm_encoder``, ``open_clip_encoder``,
+``transformers_encoder``, ``sslhub_encoder``) supplies the forward passes; this base class owns batching,
+image decoding, text ordering and normalisation.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import re
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file
 from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from .config import from_dict
-from .data.augment import eval_transform, normalize, to_float
-from .data.images import BadImage, open_image
-from .encoder import Backbone  # also registers the CIFAR-stem variants with timm
-from .recipe import EncoderConfig
+from sslhub.data.augment import eval_transform, normalize, to_float
+from sslhub.data.images import BadImage, open_image, to_rgb
+from sslhub.errors import SslhubError
 
 ImageLike = Union[str, Path, Image.Image]
 
@@ -52,11 +35,7 @@ ACCEPTED_FORMS = """accepted forms:
   timm:MODEL[.TAG]             timm's own pretrained weights, e.g. timm:resnet50.a1_in1k
   open_clip:ARCH/TAG           open_clip's own pretrained weights, e.g. open_clip:ViT-B-32/laion2b_s34b_b79k"""
 
-_PREFIX = re.compile(r"^([A-Za-z][\w-]*):(.*)$", re.S)  # "timm:resnet18" → ("timm", "resnet18")
-PREFIXES = ("local-dir", "hf-hub", "timm", "open_clip")
-
-
-class LoadError(ValueError):
+class LoadError(SslhubError, ValueError):
     """``load_encoder`` could not make sense of its argument; the message says what to do."""
 
 
@@ -104,8 +83,6 @@ class Encoder:
     # ------------------------------------------------------------------ images
     def _load(self, item: ImageLike) -> torch.Tensor:
         if isinstance(item, Image.Image):
-            from .data.images import to_rgb
-
             return self.preprocess(to_rgb(item))
         if isinstance(item, (str, Path)):
             try:
@@ -192,12 +169,6 @@ class Encoder:
         raise NotImplementedError
 
 
-class SslhubEncoder(Encoder):
-    """An ``sslhub train`` export: a timm backbone with sslhub's encoder config."""
-
-    kind = "sslhub"
-
-
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -205,80 +176,10 @@ def read_json(path: Path) -> dict:
         raise LoadError(f"{path}: not valid JSON ({e})") from None
 
 
-def load_sslhub_folder(folder: Path) -> Encoder:
-    config = read_json(folder / "config.json")
-    s = config["sslhub"]
-    enc_cfg = from_dict(EncoderConfig, s["encoder"], where=str(folder / "config.json"), prefix="sslhub.encoder.")
-    backbone = Backbone(enc_cfg)
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise LoadError(f"{folder}: config.json found but no model.safetensors (only safetensors weights are loaded)")
-    try:
-        state = load_file(str(weights))
-    except Exception as e:  # safetensors raises several types for corrupt files
-        raise LoadError(f"{weights}: not a readable safetensors file ({e})") from None
-    missing, unexpected = backbone.model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise LoadError(f"{weights}: weights do not fit {backbone.arch} "
-                        f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
-    return SslhubEncoder(backbone, backbone.dim, enc_cfg.image_size, enc_cfg.mean, enc_cfg.std, config,
-                         name=str(folder))
-
-
-def _fingerprinted(enc: Encoder, folder: Path | None = None, name: str | None = None) -> Encoder:
-    """``enc.fingerprint``: identifies the weights (for caches such as zero-shot class matrices).
-
-    A folder: its resolved path plus the size and modification time of each weights file (a Hub
-    snapshot's path holds the commit).  A library name with pretrained weights: the name.  Random
-    weights: ``None`` (nothing is cached).
-    """
-    if folder is not None:
-        files = sorted(folder.resolve().glob("*.safetensors"))
-        stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-        key = json.dumps([str(folder.resolve()), stats])
-    else:
-        key = name
-    enc.fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16] if key else None
-    return enc
-
-
-def load_encoder(name: str | Path, device: str | torch.device = "cpu", *, pretrained: bool = True) -> Encoder:
-    """Load any supported model as an :class:`Encoder` (see ``ACCEPTED_FORMS``).
-
-    ``pretrained=False`` is for ``timm:`` and ``open_clip:`` names only: the architecture with random
-    weights (no download).
-    """
-    from .loaders import layout  # the family loaders import timm/open_clip/transformers only when used
-
-    text = str(name)
-    match = None if isinstance(name, Path) else _PREFIX.match(text)
-    prefix, rest = (match.group(1), match.group(2)) if match else (None, text)
-    if not pretrained and prefix not in ("timm", "open_clip"):
-        raise LoadError(f"{text!r}: pretrained=False only applies to timm:NAME and open_clip:ARCH "
-                        "(an architecture without weights); a folder or hf-hub: repo is loaded with its weights")
-    if prefix == "local-dir" or prefix is None or (prefix not in PREFIXES and Path(text).exists()):
-        path = Path(rest if prefix == "local-dir" else text)
-        if not path.exists():
-            raise LoadError(f"cannot load {text!r}: no such folder. Give the folder an `sslhub train` run "
-                            "exported (its last output line names it), e.g. load_encoder('runs/simclr/export'), "
-                            f"or another source.\n{ACCEPTED_FORMS}")
-        if not path.is_dir():
-            raise LoadError(f"cannot load {text!r}: a file, not a folder. Give the folder that holds it "
-                            f"(config.json + model.safetensors …).\n{ACCEPTED_FORMS}")
-        return _fingerprinted(layout.load_folder(path, text), folder=path).to(device)
-    if prefix == "hf-hub":
-        from .loaders import hub
-
-        snapshot = hub.fetch_snapshot(rest, text)
-        return _fingerprinted(layout.load_folder(snapshot, text), folder=snapshot).to(device)
-    if prefix == "timm":
-        from .loaders.timm_encoder import load_timm_name
-
-        enc = load_timm_name(rest, text, pretrained)
-        return _fingerprinted(enc, name=text if pretrained else None).to(device)
-    if prefix == "open_clip":
-        from .loaders.open_clip_encoder import load_open_clip_name
-
-        enc = load_open_clip_name(rest, text, pretrained)
-        return _fingerprinted(enc, name=text if pretrained else None).to(device)
-    raise LoadError(f"cannot load {text!r}: unknown prefix {prefix + ':'!r} and no such path.\n{ACCEPTED_FORMS}")
+def pickle_error(what: str, pickles: list[str], target: str) -> LoadError:
+    return LoadError(
+        f"{what}: the weights are pickle files only ({', '.join(pickles)}); sslhub loads safetensors only, because "
+        "unpickling a file can run arbitrary code. If you trust this checkpoint, convert it once: "
+        f"state = torch.load('{pickles[0]}', map_location='cpu', weights_only=True) (take state['state_dict'] if "
+        f"it is nested), then safetensors.torch.save_file(state, '{target}') in the same folder; for a "
+        "transformers folder, Model.from_pretrained(folder).save_pretrained(folder) writes safetensors.")

@@ -10,6 +10,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from sslhub import formats
+
 TEMPLATE = """---
 {{ card_data }}
 ---
@@ -189,7 +191,7 @@ def card_index(exports: list[str], args: str = "") -> str:
     rows = []
     for folder in exports:
         path = Path(folder)
-        name = "config.json" if (path / "config.json").is_file() else "open_clip_config.json"
+        name = formats.CONFIG if (path / formats.CONFIG).is_file() else formats.OPEN_CLIP_CONFIG
         cfg = json.loads((path / name).read_text())
         s = cfg.get("sslhub", {})
         ev = s.get("eval", {}) or {}

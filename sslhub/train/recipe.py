@@ -14,18 +14,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .config import ConfigError, from_dict, to_dict
-from .registry import get_method
-
-
-@dataclass
-class EncoderConfig:
-    arch: str = "resnet18"  # any timm architecture name
-    cifar_stem: bool = False  # ResNets: 3x3 stride-1 first conv, no max-pool (for 32-px images)
-    image_size: int = 224  # input size the encoder is trained and served at
-    model_args: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs (e.g. patch_size)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from sslhub.config import ConfigError, from_dict, to_dict
+from sslhub.methods.registry import get_method
+from sslhub.models.backbone import EncoderConfig
 
 
 @dataclass

@@ -4,7 +4,7 @@
       config.json        timm's Hub layout (architecture, model_args, pretrained_cfg) + an "sslhub"
                          section (encoder config, method, recipe, steps, evaluation figures)
       model.safetensors  the backbone's weights under timm's own parameter names
-      README.md          the model card (``sslhub.card``)
+      README.md          the model card (``sslhub.publish.card``)
 
 ``timm.create_model("local-dir:export", pretrained=True)`` loads it (after ``import sslhub`` for the
 CIFAR-stem variants, which are not timm architectures); ``sslhub.load_encoder("export")`` too.
@@ -18,23 +18,22 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from . import __version__
-from .card import render_card
-from .checkpoint import replace_folder
-from .encoder import Backbone
-
-FORMAT = "sslhub-encoder"
+from sslhub import formats
+from sslhub._version import __version__
+from sslhub.atomic import replace_folder
+from sslhub.models.backbone import Backbone
+from sslhub.publish.card import render_card
 
 
 def export_encoder(backbone: Backbone, folder: str | Path, info: dict[str, Any] | None = None) -> Path:
     info = dict(info or {})
     config = backbone.timm_config()
-    config["sslhub"].update({"format": FORMAT, "format_version": 1, "sslhub_version": __version__, **info})
+    config["sslhub"].update({"format": formats.ENCODER_FORMAT, "format_version": formats.FORMAT_VERSION, "sslhub_version": __version__, **info})
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
 
     def build(tmp: Path) -> None:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(state, str(tmp / formats.WEIGHTS), metadata={"format": "pt"})
+        (tmp / formats.CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "README.md").write_text(render_card(config))
 
     return replace_folder(folder, build)

@@ -8,15 +8,15 @@ folder followed by ``os.replace``, so a crash mid-write leaves the previous chec
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from sslhub import formats
+from sslhub.atomic import atomic_write
 
 _TENSOR = "__tensor__"
 
@@ -54,27 +54,6 @@ def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then move the result over ``path`` in one ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
 def save_state(path: str | Path, state: dict) -> None:
     tensors: dict[str, torch.Tensor] = {}
     structure = _flatten(state, "", tensors)
@@ -90,26 +69,6 @@ def load_state(path: str | Path) -> dict:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable sslhub checkpoint ({e})") from None
-    if "sslhub_state" not in meta:
+    if formats.CHECKPOINT_META_KEY not in meta:
         raise CheckpointError(f"{path}: a safetensors file, but not an sslhub training checkpoint")
-    return _unflatten(json.loads(meta["sslhub_state"]), tensors)
-
-
-def replace_folder(final: str | Path, build: Callable[[Path], None]) -> Path:
-    """Build a folder next to ``final`` and swap it in, so readers never see a half-written export."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        build(tmp)
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return _unflatten(json.loads(meta[formats.CHECKPOINT_META_KEY]), tensors)

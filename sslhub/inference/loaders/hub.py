@@ -15,8 +15,8 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-from ..loading import LoadError
-from .layout import PICKLE_SUFFIXES, pickle_error
+from sslhub import formats
+from sslhub.inference.loaders.base import LoadError, pickle_error
 
 PROBE_TIMEOUT_S = 5.0
 ETAG_TIMEOUT_S = 10.0  # per metadata request, passed to huggingface_hub explicitly
@@ -129,7 +129,11 @@ def _remember_ref(snapshot: Path, revision: str) -> None:
 def fetch_snapshot(spec: str, name: str) -> Path:
     """Download (or find in the cache) the files of ``hf-hub:ORG/NAME[@REV]`` that a loader may read."""
     from huggingface_hub import HfApi, constants, get_token, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     repo, revision = parse_hub_id(spec, name)
     requested, net = revision, None
@@ -143,9 +147,9 @@ def fetch_snapshot(spec: str, name: str) -> Path:
                     raise LoadError(f"{name}: the repo lists unsafe file names ({', '.join(map(repr, unsafe[:3]))})"
                                     ": a path with a '..' part or an absolute one could write outside the cache, "
                                     "so nothing is downloaded from it")
-                pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+                pickles = sorted(f for f in files if f.endswith(formats.PICKLE_SUFFIXES))
                 if pickles and not any(f.endswith(".safetensors") for f in files):
-                    raise pickle_error(name, pickles, "model.safetensors")
+                    raise pickle_error(name, pickles, formats.WEIGHTS)
                 revision = info.sha or revision
             path = Path(snapshot_download(repo, revision=revision, allow_patterns=ALLOW_PATTERNS,
                                           etag_timeout=ETAG_TIMEOUT_S))

@@ -1,0 +1,1 @@
+"""Applications on the library: the command line and the Gradio demo."""

@@ -1,0 +1,73 @@
+"""Atomic writes of files and folders: a reader sees the old version or the new one, never half of either.
+
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))     # a file: written aside, fsynced, os.replace
+    atomic_write_text(path, text)
+    replace_folder(folder, build)                               # a folder: built aside by build(tmp), swapped in
+
+A folder is swapped with Linux ``renameat2(RENAME_EXCHANGE)`` in one step where the kernel has it; elsewhere
+two renames leave ``folder`` absent for an instant (never half-written). Every file of a new folder is on
+disk (fsync) before the swap. Used for checkpoints, exports, indexes and caches.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` then move the result over ``path`` in one ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def replace_folder(final: str | Path, build: Callable[[Path], None]) -> Path:
+    """Build a folder next to ``final`` with ``build(tmp)`` and swap it in; returns ``final``."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        build(tmp)
+        for f in tmp.rglob("*"):  # on disk before the swap
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _swap_in(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed build, or the old folder after the swap
+    return final
+
+
+def _swap_in(new: Path, dest: Path) -> None:
+    """Put folder ``new`` at ``dest``; the old ``dest``, if any, ends up at ``new``."""
+    if not dest.exists():
+        os.replace(new, dest)
+        return
+    try:
+        at_fdcwd, rename_exchange = -100, 2
+        if ctypes.CDLL(None).renameat2(at_fdcwd, os.fsencode(new), at_fdcwd, os.fsencode(dest), rename_exchange) == 0:
+            return
+    except (AttributeError, OSError):
+        pass
+    old = new.with_name(new.name + ".old")
+    os.replace(dest, old)
+    os.replace(new, dest)
+    os.replace(old, new)  # the caller's cleanup of ``new`` removes it

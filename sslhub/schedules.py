@@ -1,0 +1,18 @@
+"""Per-step schedules (learning rates, momenta) as precomputed arrays, as MAE and DINO do.
+
+Shared by the trainer, the fine-tuning probe and any method that schedules a value by step.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
+                    warmup_start: float = 0.0) -> np.ndarray:
+    """Per-step values: linear warm-up from ``warmup_start`` to ``base``, then cosine to ``final``."""
+    warmup_steps = min(warmup_steps, total_steps)
+    warm = np.linspace(warmup_start, base, warmup_steps, endpoint=False) if warmup_steps else np.array([])
+    t = np.arange(total_steps - warmup_steps)
+    span = max(total_steps - warmup_steps, 1)
+    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / span))
+    return np.concatenate([warm, cos])

@@ -1,0 +1,1 @@
+"""Training: recipes, the trainer, optimisers and schedules, checkpoints, training curves."""
