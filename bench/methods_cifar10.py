@@ -78,7 +78,7 @@ class PreloadedTrainer(Trainer):
         super().__init__(recipe, out, progress=False)
         self._preloaded = data
 
-    def _data(self) -> DecodedImages:
+    def load_data(self) -> DecodedImages:
         return self._preloaded
 
 

@@ -5,7 +5,7 @@ The inference API is importable from here (as open_clip's is)::
     from sslhub import load_encoder, ZeroShotClassifier, build_index, load_index
 
 ``import sslhub`` loads the inference side only, never the training side (recipes, methods, trainer);
-names that need an optional extra (FAISS for ``build_index`` / ``load_index``) are imported on first use.
+the rest of the API is imported on first use (FAISS itself only when an index is built or loaded).
 """
 from sslhub._version import __version__
 from sslhub.errors import SslhubError
@@ -22,7 +22,6 @@ _LAZY = {
     "load_index": "sslhub.inference.retrieval",
     "push_to_hub": "sslhub.publish.push",
 }
-_EXTRA = {"sslhub.inference.retrieval": "retrieval"}
 
 
 def __getattr__(name: str):
@@ -31,13 +30,7 @@ def __getattr__(name: str):
         raise AttributeError(f"module 'sslhub' has no attribute {name!r}")
     import importlib
 
-    try:
-        value = getattr(importlib.import_module(module), name)
-    except ModuleNotFoundError as e:
-        extra = _EXTRA.get(module)
-        if extra is None or (e.name or "").startswith("sslhub"):
-            raise
-        raise ModuleNotFoundError(f"sslhub.{name} needs {e.name!r}: pip install 'sslhub[{extra}]'", name=e.name) from e
+    value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 

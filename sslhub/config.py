@@ -3,6 +3,22 @@
 ``from_dict(Cls, data, where="recipe.yaml")`` turns the YAML of a recipe into nested dataclasses.
 An unknown key or a value of the wrong type is an error that names the dotted key, the file and
 what was expected, e.g. ``recipe.yaml: optim.lr: expected float, got 'fast' (str)``.
+
+A config dataclass rejects a value of the right type but out of range from its own ``__post_init__``
+with :func:`check`, which raises :class:`InvalidValue` ``(key, message)``::
+
+    @dataclass
+    class SimCLRConfig(MethodConfig):
+        temperature: float = 0.5
+
+        def __post_init__(self):
+            check(self.temperature > 0, "temperature", "must be > 0 (the paper: 0.5)")
+
+``from_dict`` turns that into a :class:`ConfigError` naming the file, the dotted key and the value,
+``recipes/x.yaml: method_args.temperature=0.0: must be > 0 (the paper: 0.5)`` (a nested dataclass's
+keys get their prefix, ``method_args.views.scale``); a config built directly in Python raises the
+:class:`InvalidValue` itself (a ``ValueError``: ``temperature: must be > 0 (the paper: 0.5)``).
+So every value is checked when the recipe loads, before any data is read.
 """
 from __future__ import annotations
 
@@ -12,9 +28,28 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
+from sslhub.errors import SslhubError
 
-class ConfigError(ValueError):
-    """A recipe or config value is missing, unknown or of the wrong type."""
+
+class ConfigError(SslhubError, ValueError):
+    """A recipe or config value is missing, unknown, of the wrong type or out of range."""
+
+
+class InvalidValue(SslhubError, ValueError):
+    """Raised by a config dataclass's ``__post_init__`` (through :func:`check`): ``key`` (a field name, or a
+    dotted path below it) holds a value that is never valid; ``message`` says what is expected.  ``from_dict``
+    turns it into a :class:`ConfigError`; a config built in Python raises it as it is."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message
+
+
+def check(condition: bool, key: str, message: str) -> None:
+    """``InvalidValue(key, message)`` unless ``condition``; call it from a config's ``__post_init__``, one check
+    per rule, e.g. ``check(0 <= self.momentum <= 1, "momentum", "must be in [0, 1] (the paper: 0.99)")``."""
+    if not condition:
+        raise InvalidValue(key, message)
 
 
 def _type_name(tp: Any) -> str:
@@ -119,7 +154,16 @@ def from_dict(cls: type, data: dict | None, where: str = "config", prefix: str =
             kwargs[name] = _convert(hints[name], value, f"{prefix}{name}", where)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
             raise ConfigError(f"{where}: missing required key {prefix}{name!r}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except InvalidValue as e:  # a value the dataclass's __post_init__ rejects: name the file, key and value
+        if e.key in kwargs:
+            value = kwargs[e.key]
+        elif e.key in fields and fields[e.key].default is not dataclasses.MISSING:
+            value = fields[e.key].default
+        else:  # a key that is not a plain field (or a default from a factory): no value to show
+            raise ConfigError(f"{where}: {prefix}{e.key}: {e.message}") from None
+        raise ConfigError(f"{where}: {prefix}{e.key}={value!r}: {e.message}") from None
 
 
 def to_dict(obj: Any) -> Any:

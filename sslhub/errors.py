@@ -9,3 +9,11 @@ other exception is a bug and surfaces with its traceback.
 
 class SslhubError(Exception):
     """Bad input or an impossible request, explained in the message (never a bug in sslhub)."""
+
+
+class InputError(SslhubError, ValueError):
+    """A value, argument or file content that cannot work (a ``ValueError`` too, for callers that catch those)."""
+
+
+class UnsupportedError(SslhubError, TypeError):
+    """The model or data cannot do what was asked (e.g. text on an image-only model); a ``TypeError`` too."""

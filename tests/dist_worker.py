@@ -25,7 +25,7 @@ TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 1, "wid
              "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 
 
-def build(name: str, workdir: str = "."):
+def build(name: str, workdir: str = ".", extra_args: dict | None = None):
     import json
     from pathlib import Path
 
@@ -44,7 +44,7 @@ def build(name: str, workdir: str = "."):
         default = f.default if f.default is not dataclasses.MISSING else None
         if isinstance(default, int) and (f.name.endswith("_dim") or f.name in SHRINK) and default > 64:
             small[f.name] = SHRINK.get(f.name, 64)
-    r = recipe_from_dict({"method": method, "encoder": encoder, "method_args": {**small, **args, **views}})
+    r = recipe_from_dict({"method": method, "encoder": encoder, "method_args": {**small, **args, **views, **(extra_args or {})}})
     torch.manual_seed(0)
     m = cls.create(r.encoder, r.method_args)
     m.configure(steps_per_epoch=1, max_steps=STEPS)

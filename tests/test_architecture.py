@@ -54,19 +54,6 @@ def test_every_module_imports_in_a_fresh_interpreter(order):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def test_each_module_imports_alone():
-    """Every module imports first thing in a fresh interpreter (one process, re-run per module)."""
-    code = ("import importlib, subprocess, sys\n"
-            f"bad = []\n"
-            f"for m in {[m for m in all_modules() if m not in SHIMS]!r}:\n"
-            "    r = subprocess.run([sys.executable, '-c', f'import {m}'], capture_output=True, text=True)\n"
-            "    if r.returncode: bad.append((m, r.stderr.strip().splitlines()[-1]))\n"
-            "print(bad)\n"
-            "sys.exit(1 if bad else 0)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-
-
 def function_level_imports(path: Path) -> list[tuple[int, str]]:
     """``(line, module)`` of every import inside a function of ``path``."""
     found = []

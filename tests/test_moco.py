@@ -158,6 +158,8 @@ def test_v2_loss_uses_the_old_queue_and_enqueues_the_batch_keys(symmetric):
     if symmetric:
         expected += infonce_loop(q2, k1, old, 0.2)
     assert out["loss"].item() == pytest.approx(expected, rel=1e-4)
+    assert torch.equal(m.queue, old)  # the queue changes after the optimiser step, not in loss()
+    m.on_step_end(5, 10)
     new = torch.cat([k1, k2]) if symmetric else k2
     n = new.shape[0]
     assert torch.allclose(m.queue[:n], new, atol=1e-5)
@@ -165,6 +167,7 @@ def test_v2_loss_uses_the_old_queue_and_enqueues_the_batch_keys(symmetric):
     assert torch.equal(key_bn.running_mean, key_stats)  # the key encoder keeps no running statistics
     m.eval()
     m.loss(Batch(x, rng=torch.Generator().manual_seed(4), step=6))
+    m.on_step_end(6, 10)
     assert m.queue_ptr.item() == n  # nothing is enqueued outside training
 
 
@@ -275,8 +278,9 @@ def test_bad_config_raises_naming_the_field(name, field, value):
 
 def test_bn_groups_must_be_a_multiple_of_the_processes(monkeypatch):
     monkeypatch.setattr(D, "world_size", lambda: 2)
+    m = make("moco_v2", bn_groups=3)  # the number of processes is known when the trainer configures the method
     with pytest.raises(ValueError, match=r"method_args.bn_groups=3 must be a multiple of the number of processes"):
-        make("moco_v2", bn_groups=3)
+        m.configure(steps_per_epoch=10, max_steps=100)
 
 
 def test_batch_that_does_not_fit_the_groups_or_the_queue_raises():

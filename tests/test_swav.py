@@ -192,6 +192,8 @@ def test_queue_fills_fifo_and_is_used_once_full():
             assert torch.allclose(codes[a], sinkhorn(s, 0.05, 3)[-b:], atol=1e-6), f"step {t}, crop {a}"
         if used:  # 8 queued samples change the codes
             assert not torch.allclose(codes[0], sinkhorn(scores[0], 0.05, 3), atol=1e-3)
+        assert torch.equal(m.queue, queue_before)  # taken after the optimiser step, not while coding
+        m.on_step_end(t, 10)
         assert int(m.queue_filled) == min(4 * (t + 1), 8)
     # newest first: step 2's global crops, then step 1's; step 0's were pushed out
     assert torch.equal(m.queue, torch.cat([zs[2][:2], zs[1][:2]], dim=1))

@@ -16,22 +16,18 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
 
 from sslhub._version import __version__
 from sslhub.apps import commands as C
-from sslhub.apps.demo import launch
-from sslhub.config import ConfigError
-from sslhub.data.images import BadImage
-from sslhub.data.sources import DataError
-from sslhub.inference.loaders.base import LoadError
+from sslhub.errors import SslhubError
 from sslhub.methods.registry import list_methods
 from sslhub.publish.push import push_command
-from sslhub.train.checkpoint import CheckpointError
 from sslhub.train.recipe import load_recipe
-from sslhub.train.trainer import NonFiniteLoss, train
+from sslhub.train.trainer import train
 
 
 def _train(args: argparse.Namespace) -> dict:
@@ -47,6 +43,8 @@ def _push(args: argparse.Namespace) -> dict:
 
 
 def _demo(args: argparse.Namespace) -> None:
+    # the demo needs the `demo` extra (gradio, imported at the top of sslhub.apps.demo): imported when it runs
+    launch = importlib.import_module("sslhub.apps.demo").launch
     launch(args.model, index=args.index, data=args.data, split=args.split, host=args.host, port=args.port,
            share=args.share)
 
@@ -191,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("sslhub").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         result = args.func(args)
-    except (ConfigError, DataError, LoadError, CheckpointError, BadImage, NonFiniteLoss, FileNotFoundError,
-            TypeError, ValueError) as e:
+    except (SslhubError, OSError) as e:  # bad input, explained; anything else is a bug: its traceback shows
         if args.verbose:  # -v: the full traceback
             raise
         print(f"sslhub: error: {e}", file=sys.stderr)

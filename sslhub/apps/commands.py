@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from sslhub.data.sources import open_source
+from sslhub.errors import InputError
 from sslhub.eval import protocols
 from sslhub.eval.finetune import finetune
 from sslhub.eval.linear import linear_probe, low_shot
@@ -35,7 +36,7 @@ def eval_linear(args: argparse.Namespace) -> dict:
         out["low_shot"] = low_shot(ftr, train.labels, fte, test.labels, fractions=tuple(args.low_shot))
     if args.finetune_epochs:
         if enc.kind != "sslhub":
-            raise ValueError("--finetune-epochs needs an sslhub export (its backbone is trained in place)")
+            raise InputError("--finetune-epochs needs an sslhub export (its backbone is trained in place)")
         out["finetune"] = finetune(enc.model, train, test, epochs=args.finetune_epochs, lr=args.finetune_lr,
                                    layer_decay=args.layer_decay)
     return out
@@ -78,7 +79,7 @@ def index_search(args: argparse.Namespace) -> dict:
     index = load_index(args.index)
     model = args.model or index.info.get("model")
     if not model:
-        raise ValueError(f"{args.index}: the index does not record its model; pass --model")
+        raise InputError(f"{args.index}: the index does not record its model; pass --model")
     enc = load_encoder(model)
     if args.text:
         q = enc.embed_text(args.text, normalize=True)

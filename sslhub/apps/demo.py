@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import os
 
+from sslhub.errors import InputError
+
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported: no calls to outside hosts
 
 import functools  # noqa: E402
@@ -144,7 +146,7 @@ def index_folder(encoder: Encoder, path: str | Path) -> tuple[Index, list]:
     """A saved index folder, and the samples of the data it records (empty when that data is not here)."""
     index = load_index(path)
     if index.dim != encoder.dim:
-        raise ValueError(f"{path} holds {index.dim}-d vectors but {encoder.name} embeds {encoder.dim}-d: "
+        raise InputError(f"{path} holds {index.dim}-d vectors but {encoder.name} embeds {encoder.dim}-d: "
                          f"use the model that built it ({index.info.get('model', 'not recorded')})")
     if index.info.get("model") not in (None, encoder.name):
         log.warning("%s was built with %s, not %s: results are only meaningful for the same weights",
@@ -343,7 +345,7 @@ def build_demo(model: str | Path | Encoder, index: str | Path | Index | None = N
     "queue full".
     """
     if index is not None and data is not None:
-        raise ValueError("give index= (a saved index) or data= (embedded now), not both")
+        raise InputError("give index= (a saved index) or data= (embedded now), not both")
     encoder = model if isinstance(model, Encoder) else load_encoder(model)
     samples: list = []
     if isinstance(index, Index):

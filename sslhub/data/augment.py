@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sslhub.config import check
+
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma weights (as PIL's "L" mode)
 
 
@@ -376,6 +378,23 @@ class ViewConfig:
     # Methods replace mean/std by the encoder's own (Method.view_pipeline), so train and serve agree.
     mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
     std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+
+    def __post_init__(self):
+        check(self.size >= 1, "size", "the view's side in pixels must be a positive integer")
+        lo, hi = self.scale
+        check(0 < lo <= hi <= 1, "scale", "the crop's area fraction (lo, hi) needs 0 < lo <= hi <= 1")
+        lo, hi = self.ratio
+        check(0 < lo <= hi, "ratio", "the crop's aspect-ratio range (lo, hi) needs 0 < lo <= hi")
+        for name in ("hflip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):
+            check(0 <= getattr(self, name) <= 1, name, "a probability must be in [0, 1]")
+        for name in ("brightness", "contrast", "saturation"):
+            check(getattr(self, name) >= 0, name, "a jitter strength must be >= 0 (SimCLR: 0.8 × strength)")
+        check(0 <= self.hue <= 0.5, "hue", "the hue shift must be in [0, 0.5] (SimCLR: 0.2 × strength)")
+        check(0 <= self.blur_kernel_frac <= 1, "blur_kernel_frac",
+              "the blur kernel as a fraction of the side must be in [0, 1] (SimCLR: 0.1)")
+        lo, hi = self.blur_sigma
+        check(0 < lo <= hi, "blur_sigma", "the blur's sigma range (lo, hi) needs 0 < lo <= hi (SimCLR: 0.1, 2)")
+        check(all(s > 0 for s in self.std), "std", "every channel's std must be > 0")
 
     @property
     def blur_kernel_size(self) -> int:

@@ -19,12 +19,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from sslhub.data.sources import DataError, Sample, Source, captions_of
+from sslhub.errors import InputError, SslhubError
 
 log = logging.getLogger("sslhub.data")
 Image.MAX_IMAGE_PIXELS = 200_000_000  # decompression-bomb guard; 20 MP photos are fine
 
 
-class BadImage(ValueError):
+class BadImage(SslhubError, ValueError):
     pass
 
 
@@ -178,7 +179,7 @@ class BatchPlan:
 
     def __post_init__(self):
         if self.global_batch % self.world:
-            raise ValueError(f"data.batch_size={self.global_batch} is not divisible by {self.world} processes")
+            raise InputError(f"data.batch_size={self.global_batch} is not divisible by {self.world} processes")
         if self.n < self.global_batch:
             raise DataError(f"{self.n} images is fewer than one batch of {self.global_batch}: "
                             "lower data.batch_size or add data")

@@ -27,12 +27,13 @@ from typing import Optional
 from braceexpand import braceexpand
 
 from sslhub import formats
+from sslhub.errors import SslhubError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 SHARD_EXTS = (".tar", ".tar.gz", ".tgz")
 
 
-class DataError(ValueError):
+class DataError(SslhubError, ValueError):
     """A data source is missing, empty or malformed; the message names the path."""
 
 

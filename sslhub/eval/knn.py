@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sslhub.data.augment import eval_transform
+from sslhub.errors import InputError
 
 
 @torch.no_grad()
@@ -52,7 +53,7 @@ def knn_eval(bank_feats: torch.Tensor, bank_labels: torch.Tensor, test_feats: to
     """Top-1 / top-5 accuracy (%) of weighted k-NN for each k, on L2-normalised features."""
     for name, labels in (("bank", bank_labels), ("test", test_labels)):
         if (labels < 0).any():
-            raise ValueError(f"k-NN {name} data has unlabelled images: use shards with .cls files or an ImageFolder tree")
+            raise InputError(f"k-NN {name} data has unlabelled images: use shards with .cls files or an ImageFolder tree")
     num_classes = int(max(bank_labels.max(), test_labels.max())) + 1
     out: dict = {"temperature": temperature, "bank_size": len(bank_labels), "test_size": len(test_labels)}
     for k in ks:

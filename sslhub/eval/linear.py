@@ -16,6 +16,8 @@ import warnings
 import numpy as np
 import torch
 
+from sslhub.errors import InputError
+
 log = logging.getLogger("sslhub.eval")
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 
@@ -48,7 +50,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     xtr, ytr = train_x.float().numpy(), train_y.numpy()
     xte, yte = test_x.float().numpy(), test_y.numpy()
     if len(np.unique(ytr)) < 2:
-        raise ValueError("linear probe needs at least two classes in the training split")
+        raise InputError("linear probe needs at least two classes in the training split")
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(ytr))
     n_val = max(len(np.unique(ytr)), int(val_fraction * len(ytr)))

@@ -9,15 +9,17 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from sslhub.errors import InputError
+
 
 def _as_matrix(x: Any, what: str) -> torch.Tensor:
     """Array or tensor → contiguous float32 ``(N, D)`` tensor with finite, non-empty rows."""
     x = torch.as_tensor(np.asarray(x.detach().float().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float32))
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{what} must be a non-empty (N, D) array, got shape {tuple(x.shape)}")
+        raise InputError(f"{what} must be a non-empty (N, D) array, got shape {tuple(x.shape)}")
     bad = ~torch.isfinite(x).all(1)
     if bad.any():
-        raise ValueError(f"{what} row {int(bad.float().argmax())} has NaN or inf values: fix or drop those rows")
+        raise InputError(f"{what} row {int(bad.float().argmax())} has NaN or inf values: fix or drop those rows")
     return x.contiguous()
 
 
@@ -28,10 +30,10 @@ def recall_at_k(retrieved_ids: Sequence[Sequence], relevant: Sequence[Any], ks: 
     single id is read as a one-element set).
     """
     if len(retrieved_ids) != len(relevant) or not len(relevant):
-        raise ValueError(f"need one relevance set per query (≥ 1 query): {len(retrieved_ids)} vs {len(relevant)}")
+        raise InputError(f"need one relevance set per query (≥ 1 query): {len(retrieved_ids)} vs {len(relevant)}")
     sets = [set(r) if isinstance(r, (set, frozenset, list, tuple, np.ndarray)) else {r} for r in relevant]
     if not all(sets):
-        raise ValueError(f"query {[bool(s) for s in sets].index(False)} has no relevant ids: drop it")
+        raise InputError(f"query {[bool(s) for s in sets].index(False)} has no relevant ids: drop it")
     return {f"R@{k}": round(100.0 * sum(any(i in s for i in list(r)[:k]) for r, s in zip(retrieved_ids, sets))
                             / len(sets), 2) for k in ks}
 
@@ -47,12 +49,12 @@ def image_text_retrieval(image_emb: Any, text_emb: Any, text_to_image: Any, ks: 
     img, txt = (_as_matrix(e, w) for e, w in ((image_emb, "image_emb"), (text_emb, "text_emb")))
     owner = torch.as_tensor(np.asarray(text_to_image), dtype=torch.long).reshape(-1)  # (T,)
     if img.shape[1] != txt.shape[1]:
-        raise ValueError(f"image_emb is {img.shape[1]}-d but text_emb is {txt.shape[1]}-d")
+        raise InputError(f"image_emb is {img.shape[1]}-d but text_emb is {txt.shape[1]}-d")
     if owner.shape[0] != txt.shape[0] or owner.min() < 0 or owner.max() >= img.shape[0]:
-        raise ValueError(f"text_to_image must hold one image index in 0..{img.shape[0] - 1} per caption "
+        raise InputError(f"text_to_image must hold one image index in 0..{img.shape[0] - 1} per caption "
                          f"({txt.shape[0]}), got {owner.shape[0]} values in {int(owner.min())}..{int(owner.max())}")
     if (torch.bincount(owner, minlength=img.shape[0]) == 0).any():
-        raise ValueError("some images have no caption: drop them before evaluating")
+        raise InputError("some images have no caption: drop them before evaluating")
     ks = list(ks)
 
     def first_hit(a: torch.Tensor, b: torch.Tensor, is_hit) -> torch.Tensor:  # (A,) rank of 1st hit, kmax: none

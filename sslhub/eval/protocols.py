@@ -1,4 +1,4 @@
-"""Evaluations on a loaded :class:`~sslhub.inference.load.Encoder`, shared by the CLI and the trainer.
+"""Evaluations on a loaded :class:`~sslhub.inference.loaders.base.Encoder`, shared by the CLI and the trainer.
 
 Each takes an encoder and a data spec (anything ``open_source`` reads) and returns a JSON-able dict:
 k-NN on frozen features, zero-shot classification with prompt templates, image↔text retrieval.
@@ -10,8 +10,9 @@ from typing import Sequence
 
 import torch
 
-from sslhub.data.images import decode_all
+from sslhub.data.images import DecodedImages, decode_all
 from sslhub.data.sources import DataError, open_source
+from sslhub.errors import InputError
 from sslhub.eval.knn import knn_eval
 from sslhub.eval.metrics import image_text_retrieval
 from sslhub.inference.zeroshot import ZeroShotClassifier, check_labels
@@ -32,10 +33,15 @@ def features(enc, data, progress: bool = True) -> torch.Tensor:
 
 
 def knn(enc, bank: str, bank_split: str, test: str, test_split: str, ks: Sequence[int] = (20, 200),
-        temperature: float = 0.07, workers: int = 2, progress: bool = True) -> dict:
-    """Weighted k-NN top-1/top-5 (%) of ``test`` against the labelled ``bank`` (see ``eval.knn``)."""
-    b = decode(enc, bank, bank_split, workers, "bank", progress)
-    t = decode(enc, test, test_split, workers, "test", progress)
+        temperature: float = 0.07, workers: int = 2, progress: bool = True, *,
+        bank_data: DecodedImages | None = None, test_data: DecodedImages | None = None) -> dict:
+    """Weighted k-NN top-1/top-5 (%) of ``test`` against the labelled ``bank`` (see ``eval.knn``).
+
+    ``bank_data`` / ``test_data``: the same data already decoded at ``decode_size(enc)`` (the trainer passes
+    its training images), so it is not decoded again.
+    """
+    b = bank_data if bank_data is not None else decode(enc, bank, bank_split, workers, "bank", progress)
+    t = test_data if test_data is not None else decode(enc, test, test_split, workers, "test", progress)
     res = knn_eval(features(enc, b, progress), b.labels, features(enc, t, progress), t.labels, ks=tuple(ks),
                    temperature=temperature)
     return {**res, "bank": bank, "test": test}
@@ -57,7 +63,7 @@ def zeroshot(enc, data: str, split: str = "test", templates: str | Sequence[str]
     test = decode(enc, data, split, workers, "test", progress)
     names = list(classes or test.classes or [])
     if not names:
-        raise ValueError(f"{data}: no class names found (no dataset.json 'classes', not an ImageFolder): "
+        raise InputError(f"{data}: no class names found (no dataset.json 'classes', not an ImageFolder): "
                          "give the class names explicitly")
     clf = ZeroShotClassifier(enc, names, templates=read_templates(templates), progress=progress)
     metrics = clf.evaluate(test.images, test.labels, batch_size=256, progress=progress)

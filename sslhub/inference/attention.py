@@ -28,6 +28,7 @@ from PIL import Image
 from torch import nn
 
 from sslhub.data.images import open_image, to_rgb
+from sslhub.errors import InputError, SslhubError
 
 ImageLike = Union[str, Path, Image.Image]
 
@@ -35,7 +36,7 @@ SUPPORTED = ("timm VisionTransformer models (timm folders, timm: names, sslhub e
              "towers on a timm ViT trunk) and open_clip's own ViT image towers")
 
 
-class AttentionUnsupported(TypeError):
+class AttentionUnsupported(SslhubError, TypeError):
     """The encoder is not a ViT whose last-layer attention this module knows how to read."""
 
 
@@ -140,7 +141,7 @@ def attention_map(encoder, image: ImageLike, head: int | None = None) -> np.ndar
     if head is None:
         return heads.mean(axis=0)
     if not 0 <= head < heads.shape[0]:
-        raise ValueError(f"head must be in 0..{heads.shape[0] - 1}, got {head}")
+        raise InputError(f"head must be in 0..{heads.shape[0] - 1}, got {head}")
     return heads[head]
 
 

@@ -35,19 +35,36 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import faiss
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from sslhub import formats
 from sslhub.atomic import replace_folder
+from sslhub.errors import InputError, SslhubError
 
 log = logging.getLogger("sslhub.inference.retrieval")
 
 FORMAT_VERSION = 1
 KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
-METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "cosine": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+METRICS = {"ip": "METRIC_INNER_PRODUCT", "cosine": "METRIC_INNER_PRODUCT", "l2": "METRIC_L2"}  # faiss constants
+
+
+class _Faiss:
+    """``faiss``, imported on first use: the module imports without the ``retrieval`` extra (the
+    pure-torch metrics live in ``sslhub.eval.metrics``); building or loading an index needs it."""
+
+    def __getattr__(self, name: str):
+        try:
+            import faiss as module
+        except ModuleNotFoundError as e:
+            raise ModuleNotFoundError("FAISS indexes need faiss: pip install 'sslhub[retrieval]' (faiss-cpu)",
+                                      name="faiss") from e
+        globals()["faiss"] = module
+        return getattr(module, name)
+
+
+faiss: Any = _Faiss()
 FLAT_BELOW = 10_000  # auto: exact search below this many vectors
 TRAIN_PER_LIST = 64  # k-means sample per inverted list (FAISS guideline 30–256; 64 keeps 1M builds ~1 min)
 MIN_PER_LIST = 39  # FAISS warns below 39 training points per centroid
@@ -59,7 +76,7 @@ ADD_CHUNK = 100_000  # vectors per add() call; a progress bar is shown above one
 ACTION = "Rebuild it with `sslhub index build` (or `build_index(...).save(path)`)."
 
 
-class IndexFileError(ValueError):
+class IndexFileError(SslhubError, ValueError):
     """A saved index folder is missing, truncated, corrupt or inconsistent."""
 
 
@@ -72,11 +89,11 @@ def _as_matrix(x: Any, what: str) -> np.ndarray:
     x = np.ascontiguousarray(x.detach().float().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
     x = x[None] if x.ndim == 1 and what == "queries" else x
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{what} must be a non-empty (N, D) array, got shape {x.shape}")
+        raise InputError(f"{what} must be a non-empty (N, D) array, got shape {x.shape}")
     for i in range(0, x.shape[0], ADD_CHUNK):  # chunked: no (N, D) bool temporary
         bad = ~np.isfinite(x[i : i + ADD_CHUNK]).all(1)
         if bad.any():
-            raise ValueError(f"{what} row {i + int(bad.argmax())} has NaN or inf values: fix or drop those rows")
+            raise InputError(f"{what} row {i + int(bad.argmax())} has NaN or inf values: fix or drop those rows")
     return x
 
 
@@ -91,7 +108,7 @@ def _overlap(found: np.ndarray, exact: np.ndarray) -> float:  # mean |found ∩ 
 class Index:
     """A FAISS index plus the ids and metadata of its rows. Build with ``build_index``, load with ``load_index``."""
 
-    def __init__(self, index: faiss.Index, kind: str, metric: str, info: dict, ids: list | None, metadata: list | None):
+    def __init__(self, index: "faiss.Index", kind: str, metric: str, info: dict, ids: list | None, metadata: list | None):
         self.faiss, self.kind, self.metric, self.info = index, kind, metric, info
         self.ids, self.metadata = ids, metadata  # ids None: the row numbers 0..N-1
 
@@ -114,7 +131,7 @@ class Index:
     def nprobe(self, value: int) -> None:
         ivf = self._ivf()
         if not 1 <= int(value) <= ivf.nlist:
-            raise ValueError(f"nprobe must be in 1..nlist={ivf.nlist}, got {value}")
+            raise InputError(f"nprobe must be in 1..nlist={ivf.nlist}, got {value}")
         ivf.nprobe = self.info["nprobe"] = int(value)
 
     def _ivf(self):
@@ -125,13 +142,13 @@ class Index:
     def _queries(self, queries: Any) -> np.ndarray:
         q = _as_matrix(queries, "queries")
         if q.shape[1] != self.dim:
-            raise ValueError(f"queries have dimension {q.shape[1]} but the index holds {self.dim}-d vectors: "
+            raise InputError(f"queries have dimension {q.shape[1]} but the index holds {self.dim}-d vectors: "
                              "embed them with the encoder that built the index")
         return _normalise(q) if self.metric == "cosine" else q
 
     def _search_rows(self, q: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
         if k < 1:
-            raise ValueError(f"k must be ≥ 1, got {k}")
+            raise InputError(f"k must be ≥ 1, got {k}")
         return self.faiss.search(q, min(k, len(self)), params=params)  # (Q, k) scores, (Q, k) rows (-1: none)
 
     def _id(self, row: int):
@@ -156,7 +173,7 @@ class Index:
         """Write the index folder ``path/`` atomically, replacing any index saved there before."""
         path = Path(path)
         if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / formats.INDEX_META).exists())):
-            raise ValueError(f"refusing to replace {path}: it is not an sslhub index folder (no meta.json)")
+            raise InputError(f"refusing to replace {path}: it is not an sslhub index folder (no meta.json)")
 
         def build(tmp: Path) -> None:
             faiss.write_index(self.faiss, str(tmp / formats.INDEX_FAISS))
@@ -227,22 +244,22 @@ def _check_rows(ids: Sequence | None, metadata: Sequence[dict] | None, n: int) -
     if ids is not None:
         ids = [int(i) if isinstance(i, np.integer) else i for i in ids]
         if len(ids) != n:
-            raise ValueError(f"ids has {len(ids)} entries for {n} embeddings: give one id per row")
+            raise InputError(f"ids has {len(ids)} entries for {n} embeddings: give one id per row")
         if not all(isinstance(i, (str, int)) and not isinstance(i, bool) for i in ids):
-            raise ValueError("ids must be str or int (they are stored in meta.json)")
+            raise InputError("ids must be str or int (they are stored in meta.json)")
         if len(set(ids)) != n:
-            raise ValueError(f"ids must be unique: {n - len(set(ids))} duplicate(s)")
+            raise InputError(f"ids must be unique: {n - len(set(ids))} duplicate(s)")
     if metadata is not None:
         metadata = list(metadata)
         if len(metadata) != n:
-            raise ValueError(f"metadata has {len(metadata)} entries for {n} embeddings: give one dict per row")
+            raise InputError(f"metadata has {len(metadata)} entries for {n} embeddings: give one dict per row")
         for i, m in enumerate(metadata):
             if not isinstance(m, dict) or {"id", "score"} & m.keys():
-                raise ValueError(f"metadata[{i}] must be a dict without 'id' or 'score' keys (search_meta adds them)")
+                raise InputError(f"metadata[{i}] must be a dict without 'id' or 'score' keys (search_meta adds them)")
             try:
                 json.dumps(m)
             except (TypeError, ValueError) as e:
-                raise ValueError(f"metadata[{i}] is not JSON-serialisable ({e}): store paths, labels as str/int/float")
+                raise InputError(f"metadata[{i}] is not JSON-serialisable ({e}): store paths, labels as str/int/float")
     return ids, metadata
 
 
@@ -253,7 +270,7 @@ def _pq_m(dim: int, n: int, budget_bytes: float | None) -> int:
         if budget_bytes is None or n * (m + 8) + 256 * dim * 4 <= budget_bytes:  # codes + list ids + codebooks
             return m
     need = (n * (options[-1] + 8) + 256 * dim * 4) / 2**20
-    raise ValueError(f"memory_budget_mb is too small for {n} vectors even as {options[-1]}-byte PQ codes: "
+    raise InputError(f"memory_budget_mb is too small for {n} vectors even as {options[-1]}-byte PQ codes: "
                      f"give at least {need:.1f}")
 
 
@@ -270,9 +287,9 @@ def build_index(embeddings: Any, ids: Sequence | None = None, metadata: Sequence
     chosen and why.
     """
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise InputError(f"kind must be one of {KINDS}, got {kind!r}")
     if metric not in METRICS:
-        raise ValueError(f"metric must be one of {tuple(METRICS)}, got {metric!r}")
+        raise InputError(f"metric must be one of {tuple(METRICS)}, got {metric!r}")
     t0 = time.perf_counter()
     x = _as_matrix(embeddings, "embeddings")  # (N, D) float32
     n, dim = x.shape
@@ -297,7 +314,7 @@ def build_index(embeddings: Any, ids: Sequence | None = None, metadata: Sequence
         else:
             kind, info["reason"] = "hnsw", f"{FLAT_BELOW} ≤ {n} ≤ {HNSW_AUTO_MAX} vectors"
     info["kind"] = kind
-    fmetric = METRICS[metric]
+    fmetric = getattr(faiss, METRICS[metric])
     if kind == "flat":
         index = faiss.IndexFlat(dim, fmetric)
     elif kind == "hnsw":
@@ -306,7 +323,7 @@ def build_index(embeddings: Any, ids: Sequence | None = None, metadata: Sequence
         info.update(hnsw_M=HNSW_M, ef_construction=int(index.hnsw.efConstruction), ef_search=HNSW_EF_SEARCH)
     else:
         if n < 256:
-            raise ValueError(f"kind={kind!r} needs at least 256 vectors to train, got {n}: use kind='flat'")
+            raise InputError(f"kind={kind!r} needs at least 256 vectors to train, got {n}: use kind='flat'")
         nlist = nlist or min(2 ** round(math.log2(4 * math.sqrt(n))), 2 ** int(math.log2(n / MIN_PER_LIST)))
         quantizer = faiss.IndexFlat(dim, fmetric)  # (nlist, D) k-means centroids
         if kind == "ivf":
@@ -343,7 +360,7 @@ def _calibrate(index: Index, x: np.ndarray, queries: np.ndarray | None, seed: in
     Each step widens by ~√2. IVF starts at ``max(8, nlist/64)`` lists and stops at nlist/4 (little faster
     than exact search); HNSW starts at efSearch 16 and stops at HNSW_EF_MAX. Either stops when a step gains < 0.005
     (IVF-PQ levels off at its quantisation error)."""
-    n, fmetric = x.shape[0], METRICS[index.metric]
+    n, fmetric = x.shape[0], getattr(faiss, METRICS[index.metric])
     own = None if queries is not None else np.random.default_rng(seed + 1).choice(n, CALIB_QUERIES, replace=False)
     queries, k = (queries if own is None else x[own]), min(CALIB_K, n - 1)  # (Q, D)
 
@@ -386,12 +403,12 @@ def compare_with_exact(index: Index, queries: Any, k: int = 10, embeddings: Any 
     if embeddings is not None:
         x = _as_matrix(embeddings, "embeddings")
         if x.shape != (len(index), index.dim):
-            raise ValueError(f"embeddings are {x.shape} but the index holds {(len(index), index.dim)}")
-        exact = faiss.knn(q, _normalise(x) if index.metric == "cosine" else x, k, METRICS[index.metric])[1]
+            raise InputError(f"embeddings are {x.shape} but the index holds {(len(index), index.dim)}")
+        exact = faiss.knn(q, _normalise(x) if index.metric == "cosine" else x, k, getattr(faiss, METRICS[index.metric]))[1]
     elif index.kind in ("flat", "hnsw"):
         exact = (index.faiss.storage if index.kind == "hnsw" else index.faiss).search(q, k)[1]
     elif index.kind == "ivf":
         exact = index._search_rows(q, k, faiss.SearchParametersIVF(nprobe=index._ivf().nlist))[1]
     else:
-        raise ValueError("an IVF-PQ index keeps only compressed codes: pass the original embeddings=")
+        raise InputError("an IVF-PQ index keeps only compressed codes: pass the original embeddings=")
     return _overlap(found, exact)

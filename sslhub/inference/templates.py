@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Sequence, Union
 
+from sslhub.errors import InputError
+
 IMAGENET_TEMPLATES = (
     'a bad photo of a {}.',
     'a photo of many {}.',
@@ -143,12 +145,12 @@ def resolve_templates(templates: Union[str, Sequence[str], None]) -> tuple[str, 
             return TEMPLATE_SETS[templates]
         if "{}" in templates:
             return (templates,)
-        raise ValueError(f"unknown template set {templates!r}: use one of {', '.join(TEMPLATE_SETS)} "
+        raise InputError(f"unknown template set {templates!r}: use one of {', '.join(TEMPLATE_SETS)} "
                          "or a list of strings containing '{}'")
     out = tuple(templates)
     if not out:
-        raise ValueError("templates: the list is empty")
+        raise InputError("templates: the list is empty")
     bad = [t for t in out if not isinstance(t, str) or "{}" not in t]
     if bad:
-        raise ValueError(f"templates: {bad[0]!r} has no '{{}}' where the class name goes")
+        raise InputError(f"templates: {bad[0]!r} has no '{{}}' where the class name goes")
     return out

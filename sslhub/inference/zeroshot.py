@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from sslhub.atomic import atomic_write
+from sslhub.errors import InputError, UnsupportedError
 from sslhub.inference.templates import resolve_templates
 
 log = logging.getLogger("sslhub.inference.zeroshot")
@@ -39,14 +40,14 @@ def cache_dir() -> Path:
 def check_classnames(classnames: Sequence[str]) -> list[str]:
     names = [str(c).strip() for c in classnames]
     if not names:
-        raise ValueError("classnames: the label list is empty — give at least two labels")
+        raise InputError("classnames: the label list is empty — give at least two labels")
     if any(not c for c in names):
-        raise ValueError(f"classnames: label #{[i for i, c in enumerate(names) if not c][0]} is empty")
+        raise InputError(f"classnames: label #{[i for i, c in enumerate(names) if not c][0]} is empty")
     seen: dict[str, int] = {}
     for i, c in enumerate(names):
         if c.lower() in seen:
             first = seen[c.lower()]
-            raise ValueError(f"classnames: {c!r} (#{i}) repeats {names[first]!r} (#{first}); labels must be unique")
+            raise InputError(f"classnames: {c!r} (#{i}) repeats {names[first]!r} (#{first}); labels must be unique")
         seen[c.lower()] = i
     return names
 
@@ -98,7 +99,7 @@ class ZeroShotClassifier(_ClassMatrixClassifier):
                  scale: float | None = None, cache: bool = True, batch_size: int = 256, progress: bool | None = None):
         super().__init__(encoder)
         if not getattr(encoder, "has_text", False):
-            raise TypeError(f"{getattr(encoder, 'name', 'this encoder')} has no text tower: zero-shot needs an "
+            raise UnsupportedError(f"{getattr(encoder, 'name', 'this encoder')} has no text tower: zero-shot needs an "
                             "image–text model; use PrototypeClassifier with a few labelled images instead")
         self.classnames = check_classnames(classnames)
         self.templates = resolve_templates(templates)
@@ -178,7 +179,7 @@ class PrototypeClassifier(_ClassMatrixClassifier):
         for name in self.classnames:
             imgs = examples[name]
             if len(imgs) == 0:
-                raise ValueError(f"class {name!r} has no example images")
+                raise InputError(f"class {name!r} has no example images")
             feats = encoder.embed_images(imgs, batch_size=batch_size, normalize=True)
             rows.append(F.normalize(feats.mean(0), dim=-1))
         self.weights = torch.stack(rows)  # (C, D)

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 import sslhub.distributed as D
+from sslhub.config import check
 from sslhub.data.augment import ViewConfig
 from sslhub.methods.base import Batch, Method, MethodConfig
 from sslhub.methods.common import (
-    check_positive,
     normalized_std,
     off_diagonal,
     projection_mlp,
@@ -71,19 +71,21 @@ class BarlowTwinsConfig(MethodConfig):
     views: ViewConfig = field(default_factory=lambda: _views(blur_p=1.0, solarize_p=0.0))  # Y^A
     views2: ViewConfig = field(default_factory=lambda: _views(blur_p=0.1, solarize_p=0.2))  # Y^B
 
+    def __post_init__(self):
+        check(self.lambd >= 0, "lambd", "the off-diagonal weight must be ≥ 0 (paper: 0.0051)")
+        check(self.scale_loss > 0, "scale_loss", "must be > 0 (1 is the paper's loss)")
+        for name in ("proj_hidden_dim", "proj_dim", "proj_layers"):
+            check(getattr(self, name) >= 1, name, "must be a positive integer")
+
 
 @register_method("barlow_twins")
 class BarlowTwins(Method):
     Config = BarlowTwinsConfig
     paper = "Zbontar et al. 2021, https://arxiv.org/abs/2103.03230"
+    batch_coupled = True  # cross-correlation over the batch
 
     def __init__(self, backbone, cfg: BarlowTwinsConfig):
         super().__init__(backbone, cfg)
-        if cfg.lambd < 0:
-            raise ValueError(f"method_args.lambd={cfg.lambd}: the off-diagonal weight must be ≥ 0 (paper: 0.0051)")
-        if cfg.scale_loss <= 0:
-            raise ValueError(f"method_args.scale_loss={cfg.scale_loss}: must be > 0 (1 is the paper's loss)")
-        check_positive(cfg, "proj_hidden_dim", "proj_dim", "proj_layers")
         self.projector = projection_mlp(backbone.dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers,
                                         bias=False)
         self.bn = nn.BatchNorm1d(cfg.proj_dim, affine=False)  # normalisation along the batch, per view

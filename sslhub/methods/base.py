@@ -1,16 +1,22 @@
 """The method interface every SSL method implements; the trainer knows nothing else about methods.
 
 A method is an ``nn.Module`` holding ``self.backbone`` (the encoder that gets exported) and whatever
-heads, teachers, queues or discriminators it needs.  The trainer calls, per step:
+heads, teachers, queues or discriminators it needs.  The trainer calls, per optimiser step:
 
-    out = method.loss(batch)          # dict of scalars; out["loss"] is minimised
-    ... backward, optimiser step ...
-    method.on_step_end(step, max_steps)   # EMA teachers, momentum / temperature schedules, queues
+    for micro_batch in step:              # train.accumulate micro-batches (1 by default)
+        out = method.loss(micro_batch)    # dict of scalars; out["loss"] is minimised; NO state change
+        ... backward ...
+    ... optimiser step ...
+    method.on_step_end(step, max_steps)   # ALL state that changes with a step: EMA teachers, queues,
+                                          # centres, schedules — from everything the step's losses saw
+
+``loss()`` may stash what it saw (keys for a queue, teacher outputs for a centre) for ``on_step_end``;
+it never changes state the next micro-batch reads, so every micro-batch of a step sees the same state.
 
 Before the first step the trainer calls ``method.configure(steps_per_epoch, max_steps)`` (schedules in
-epochs, such as DINO's teacher-temperature warm-up) and, with several processes,
-``method.convert_batchnorm()``.  What gets exported and k-NN-evaluated is ``exported_backbone()``
-(the online network by default; DINO exports its teacher).
+epochs; checks that need the number of processes) and, with several processes,
+``method.convert_batchnorm()``; with ``train.channels_last`` it calls ``use_channels_last()``.  What gets
+exported and evaluated is ``exported_backbone()`` (the online network by default; DINO exports its teacher).
 
 State that must survive ``--resume`` (queues, centres, EMA targets, pointers) lives in parameters or
 buffers, so it is in ``state_dict()``; anything else is recomputed from the step number.
@@ -31,7 +37,7 @@ from torch import nn
 import sslhub.distributed as D
 from sslhub.data.augment import BatchAugment, ViewConfig
 from sslhub.models.backbone import Backbone, EncoderConfig
-from sslhub.publish.export import export_encoder
+from sslhub.publish.export import Evaluate, export_encoder
 
 
 @dataclass
@@ -55,6 +61,10 @@ class Method(nn.Module):
     Config: ClassVar[type] = MethodConfig
     paper: ClassVar[str] = ""  # "Author et al. YEAR, https://arxiv.org/abs/…", shown by `sslhub methods`
     needs_text: ClassVar[bool] = False  # image–text methods: every training image needs a caption
+    # True when one sample's loss depends on the other samples of the batch beyond batch norm (in-batch
+    # negatives, statistics or assignments computed over the batch): with train.accumulate > 1 those see one
+    # micro-batch, not the whole step (the trainer says so)
+    batch_coupled: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone, cfg: MethodConfig):
         super().__init__()
@@ -72,6 +82,14 @@ class Method(nn.Module):
         Methods that need per-group statistics (MoCo's shuffled BN) override this."""
         D.convert_batchnorm(self)
 
+    def use_channels_last(self) -> None:
+        """Channels-last weights, and channels-last inputs for every :class:`Backbone` the method holds
+        (online, momentum and teacher copies alike)."""
+        self.to(memory_format=torch.channels_last)
+        for m in self.modules():
+            if isinstance(m, Backbone):
+                m.channels_last = True
+
     def exported_backbone(self) -> Backbone:
         """The network that is exported and k-NN-evaluated (default: ``self.backbone``)."""
         return self.backbone
@@ -81,9 +99,12 @@ class Method(nn.Module):
         """Build the method for the recipe's ``encoder`` block (default: a timm :class:`Backbone`)."""
         return cls(Backbone(encoder), cfg)
 
-    def export(self, folder: str | Path, info: dict[str, Any]) -> Path:
-        """Write the trained encoder as a loadable folder (default: timm layout, ``sslhub.publish.export``)."""
-        return export_encoder(self.exported_backbone(), folder, info)
+    def export(self, folder: str | Path, info: dict[str, Any], evaluate: Evaluate | None = None) -> Path:
+        """Write the trained encoder as a loadable folder (default: timm layout, ``export_encoder``).
+
+        ``evaluate(folder)`` runs on the folder as written, before it is swapped in; its figures go into the
+        config and the card (one write of the weights, one swap of the folder)."""
+        return export_encoder(self.exported_backbone(), folder, info, evaluate=evaluate)
 
     def view_pipeline(self, views: ViewConfig) -> BatchAugment:
         """Batched augmentation for ``views``, normalised with the encoder's own mean and std."""
@@ -97,7 +118,7 @@ class Method(nn.Module):
         return self.loss(batch)
 
     def on_step_end(self, step: int, max_steps: int) -> None:
-        """Called after every optimiser step (EMA updates, schedules)."""
+        """Called after every optimiser step: every state change of the step (EMA, queues, centres, schedules)."""
 
     def optim_groups(self) -> dict[str, list[nn.Parameter]]:
         """Loss key → parameters its optimiser updates.  Default: one optimiser for everything."""

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from sslhub.config import check
 from sslhub.data.augment import ViewConfig
 from sslhub.methods.base import Batch, Method, MethodConfig
 from sslhub.methods.common import (
-    check_positive,
     cosine_momentum,
     ema_update_,
     momentum_copy,
@@ -67,6 +67,11 @@ class BYOLConfig(MethodConfig):
         size=224, scale=(0.08, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
         gray_p=0.2, blur_p=0.1, solarize_p=0.2))
 
+    def __post_init__(self):
+        check(0 <= self.tau_base <= 1, "tau_base", "must be in [0, 1] (the paper uses 0.996)")
+        for name in ("proj_hidden_dim", "proj_dim", "pred_hidden_dim"):
+            check(getattr(self, name) >= 1, name, "must be a positive integer")
+
 
 @register_method("byol")
 class BYOL(Method):
@@ -75,9 +80,6 @@ class BYOL(Method):
 
     def __init__(self, backbone, cfg: BYOLConfig):
         super().__init__(backbone, cfg)
-        if not 0.0 <= cfg.tau_base <= 1.0:
-            raise ValueError(f"method_args.tau_base must be in [0, 1] (the paper uses 0.996), got {cfg.tau_base}")
-        check_positive(cfg, "proj_hidden_dim", "proj_dim", "pred_hidden_dim")
         self.projector = projection_mlp(backbone.dim, cfg.proj_hidden_dim, cfg.proj_dim, layers=2)
         self.predictor = projection_mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, layers=2)
         self.target_backbone = momentum_copy(self.backbone)  # ξ: parameters in state_dict, not optimised
@@ -98,7 +100,6 @@ class BYOL(Method):
 
     @torch.no_grad()
     def target(self, v: torch.Tensor) -> torch.Tensor:
-        self.target_backbone.channels_last = self.backbone.channels_last  # the trainer sets the online flag
         return self.target_projector(self.target_backbone(v))  # (B, proj_dim)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:

@@ -39,11 +39,11 @@ from torch import nn
 import sslhub.distributed as D
 from sslhub import formats
 from sslhub._version import __version__
-from sslhub.atomic import replace_folder
+from sslhub.config import check
 from sslhub.data.augment import BatchAugment, ViewConfig
 from sslhub.methods.base import Batch, Method, MethodConfig
 from sslhub.methods.registry import register_method
-from sslhub.publish.card import render_card
+from sslhub.publish.export import Evaluate, write_export
 
 log = logging.getLogger("sslhub.clip")
 CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
@@ -133,11 +133,18 @@ class CLIPConfig(MethodConfig):
     views: ViewConfig = field(default_factory=lambda: ViewConfig(
         size=64, scale=(0.5, 1.0), hflip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0))
 
+    def __post_init__(self):
+        check(self.init_logit_scale > 0, "init_logit_scale", "exp(t) must be > 0 (the paper: 1/0.07)")
+        check(self.max_logit_scale > 0, "max_logit_scale", "exp(t)'s limit must be > 0 (the paper: 100)")
+        check(self.context_length is None or self.context_length >= 0, "context_length",
+              "must be a positive number of tokens (null or 0: the architecture's)")
+
 
 @register_method("clip")
 class CLIP(Method):
     Config = CLIPConfig
     paper = "Radford et al. 2021, https://arxiv.org/abs/2103.00020"
+    batch_coupled = True  # in-batch negatives (every other caption / image)
     needs_text = True
 
     def __init__(self, model: nn.Module, cfg: CLIPConfig, tokenizer: Any, model_cfg: dict, preprocess_cfg: dict,
@@ -219,27 +226,24 @@ class CLIP(Method):
             text.update(hf_model_name=name, hf_tokenizer_name=name, hf_model_pretrained=False)
         return mcfg
 
-    def export(self, folder: str | Path, info: dict[str, Any]) -> Path:
+    def export(self, folder: str | Path, info: dict[str, Any], evaluate: Evaluate | None = None) -> Path:
         """open_clip's Hub layout (+ the HF text tower's tokenizer and config, so it loads offline)."""
-        from safetensors.torch import save_file
-
         config = {"model_cfg": self.export_config(), "preprocess_cfg": self.preprocess_cfg,
-                  "sslhub": {"format": formats.CLIP_FORMAT, "format_version": formats.FORMAT_VERSION, "sslhub_version": __version__,
-                             "architecture": self.arch, **info}}
+                  "sslhub": {"format": formats.CLIP_FORMAT, "format_version": formats.FORMAT_VERSION,
+                             "sslhub_version": __version__, "architecture": self.arch, **info}}
         state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
 
-        def build(tmp: Path) -> None:
-            save_file(state, str(tmp / formats.OPEN_CLIP_WEIGHTS), metadata={"format": "pt"})
-            (tmp / formats.OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-            if self.text_tower_dir is not None:
-                for name in TOKENIZER_FILES:  # open_clip's local-dir: tokenizer reads them from the folder
-                    if (self.text_tower_dir / name).is_file():
-                        shutil.copy2(self.text_tower_dir / name, tmp / name)
-                (tmp / formats.TEXT_CONFIG_DIR).mkdir()
-                shutil.copy2(self.text_tower_dir / formats.CONFIG, tmp / formats.TEXT_CONFIG_DIR / formats.CONFIG)
-            (tmp / "README.md").write_text(render_card(config))
+        def text_tower_files(tmp: Path) -> None:
+            if self.text_tower_dir is None:
+                return
+            for name in TOKENIZER_FILES:  # open_clip's local-dir: tokenizer reads them from the folder
+                if (self.text_tower_dir / name).is_file():
+                    shutil.copy2(self.text_tower_dir / name, tmp / name)
+            (tmp / formats.TEXT_CONFIG_DIR).mkdir()
+            shutil.copy2(self.text_tower_dir / formats.CONFIG, tmp / formats.TEXT_CONFIG_DIR / formats.CONFIG)
 
-        return replace_folder(folder, build)
+        return write_export(folder, config, formats.OPEN_CLIP_CONFIG, state, formats.OPEN_CLIP_WEIGHTS,
+                            add_files=text_tower_files, evaluate=evaluate)
 
 
 def _hub_name(folder: Path | None) -> str:

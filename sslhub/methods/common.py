@@ -8,7 +8,7 @@
 - ``cosine_momentum``: BYOL's schedule τ_k = 1 − (1 − τ_base)·(cos(πk/K) + 1)/2, also used by DINO and
   MoCo v3 (Grill et al. 2020 §3.2).
 - ``off_diagonal``: the off-diagonal entries of a square matrix (VICReg, Barlow Twins).
-- ``normalized_std``: the collapse diagnostic ``z_std`` (SimSiam §4.1); ``check_positive``: head-size checks.
+- ``normalized_std``: the collapse diagnostic ``z_std`` (SimSiam §4.1).
 - ``forward_multicrop``: views of different resolutions through one network, one forward per
   resolution (Caron et al. 2020/2021: global and local crops cannot share a batch tensor).
 """
@@ -101,11 +101,3 @@ def off_diagonal(m: torch.Tensor) -> torch.Tensor:
     VICReg and Barlow Twins reference code: drop the last entry, view as ``(d − 1, d + 1)``, drop column 0)."""
     d = m.shape[0]
     return m.flatten()[:-1].view(d - 1, d + 1)[:, 1:].flatten()
-
-
-def check_positive(cfg, *names: str) -> None:
-    """``ValueError`` naming ``method_args.<name>`` for each head size that is not a positive integer."""
-    for name in names:
-        value = getattr(cfg, name)
-        if value < 1:
-            raise ValueError(f"method_args.{name} must be a positive integer, got {value}")

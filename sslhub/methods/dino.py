@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sslhub.distributed as D
+from sslhub.config import check
 from sslhub.data.augment import ViewConfig
 from sslhub.methods.base import Batch, Method, MethodConfig
 from sslhub.methods.common import (
@@ -146,25 +147,19 @@ class DINOConfig(MethodConfig):
         size=96, scale=(0.05, 0.4), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
         gray_p=0.2, blur_p=0.5, solarize_p=0.0))
 
-
-def _check(cfg: DINOConfig) -> None:
-    def bad(name: str, what: str) -> ValueError:
-        return ValueError(f"method_args.{name}={getattr(cfg, name)!r}: {what}")
-
-    for name in ("out_dim", "hidden_dim", "bottleneck_dim", "head_layers"):
-        if getattr(cfg, name) < 1:
-            raise bad(name, "must be a positive integer")
-    for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
-        if not getattr(cfg, name) > 0:
-            raise bad(name, "a temperature must be > 0 (the paper uses τ_s = 0.1, τ_t = 0.04 to 0.07)")
-    for name in ("momentum_teacher", "center_momentum"):
-        if not 0.0 <= getattr(cfg, name) <= 1.0:
-            raise bad(name, "a momentum must lie in [0, 1] (paper: 0.996 for the teacher, 0.9 for the centre)")
-    for name in ("warmup_teacher_temp_epochs", "freeze_last_layer_epochs"):
-        if getattr(cfg, name) < 0:
-            raise bad(name, "a number of epochs must be >= 0")
-    if cfg.n_local_views < 0:
-        raise bad("n_local_views", "the number of local crops must be >= 0 (0 = the 2 global crops only)")
+    def __post_init__(self):
+        for name in ("out_dim", "hidden_dim", "bottleneck_dim", "head_layers"):
+            check(getattr(self, name) >= 1, name, "must be a positive integer")
+        for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+            check(getattr(self, name) > 0, name,
+                  "a temperature must be > 0 (the paper uses τ_s = 0.1, τ_t = 0.04 to 0.07)")
+        for name in ("momentum_teacher", "center_momentum"):
+            check(0 <= getattr(self, name) <= 1, name,
+                  "a momentum must lie in [0, 1] (paper: 0.996 for the teacher, 0.9 for the centre)")
+        for name in ("warmup_teacher_temp_epochs", "freeze_last_layer_epochs"):
+            check(getattr(self, name) >= 0, name, "a number of epochs must be >= 0")
+        check(self.n_local_views >= 0, "n_local_views",
+              "the number of local crops must be >= 0 (0 = the 2 global crops only)")
 
 
 @register_method("dino")
@@ -174,7 +169,6 @@ class DINO(Method):
     n_global = 2  # global crops: the teacher's inputs
 
     def __init__(self, backbone, cfg: DINOConfig):
-        _check(cfg)
         super().__init__(backbone, cfg)
         self.head = DINOHead(backbone.dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers,
                              cfg.use_bn_in_head, cfg.norm_last_layer)
@@ -217,7 +211,6 @@ class DINO(Method):
         self.head.frozen_last_layer = self.last_layer_frozen(batch.step)
         s_out = self.head(forward_multicrop(self.backbone, x)).float()  # (V·B, K)
         with torch.no_grad():
-            self.teacher_backbone.channels_last = self.backbone.channels_last  # the trainer sets the student's
             t_out = self.teacher_head(forward_multicrop(self.teacher_backbone, x[: self.n_global])).float()  # (2B, K)
         temp = self.teacher_temperature(batch.step)
         p_t = teacher_probs(t_out, self.center, temp)  # (2B, K)

@@ -12,7 +12,8 @@ queue ``{k_j}`` of the K most recent keys, InfoNCE (v1 eq. 1) per query is
     L_q = −log( exp(q·k₊/τ) / (exp(q·k₊/τ) + Σ_j exp(q·k_j/τ)) ),
 
 averaged over the batch.  After each step ``θ_k ← m·θ_k + (1 − m)·θ_q`` (v1 eq. 2), and the keys of
-the *global* batch are enqueued (FIFO, wrapping round), so every process holds the same queue.
+the *global* batch are enqueued (FIFO, wrapping round), so every process holds the same queue; with
+``train.accumulate`` the keys of all micro-batches are enqueued together, so each micro-batch sees one queue.
 
 Shuffling BN (v1 §3.3): keys are computed by a BN that sees a random subset of the batch, so a query
 and its positive key never share batch statistics (which would leak a shortcut).  The key-view images
@@ -37,10 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import sslhub.distributed as D
+from sslhub.config import check
 from sslhub.data.augment import ViewConfig
 from sslhub.methods.base import Batch, Method, MethodConfig
 from sslhub.methods.common import (
-    check_positive,
     ema_update_,
     momentum_copy,
     normalized_std,
@@ -116,6 +117,13 @@ class MoCoV2Config(MethodConfig):
         size=224, scale=(0.2, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
         gray_p=0.2, blur_p=0.5))
 
+    def __post_init__(self):
+        check(self.temperature > 0, "temperature", "must be > 0 (the paper: 0.2)")
+        check(0 <= self.momentum <= 1, "momentum", "must be in [0, 1] (the paper: 0.999)")
+        for name in ("queue_size", "proj_hidden_dim", "proj_dim"):
+            check(getattr(self, name) >= 1, name, "must be a positive integer")
+        check(self.bn_groups >= 1, "bn_groups", "must be a positive integer (the paper: 8)")
+
 
 def mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """v2's head: Linear → ReLU → Linear, without BN (so not ``projection_mlp``, whose hidden layer has BN)."""
@@ -129,12 +137,6 @@ class MoCoV2(Method):
 
     def __init__(self, backbone, cfg: MoCoV2Config):
         super().__init__(backbone, cfg)
-        if cfg.temperature <= 0:
-            raise ValueError(f"method_args.temperature must be > 0 (the paper: 0.2), got {cfg.temperature}")
-        if not 0.0 <= cfg.momentum <= 1.0:
-            raise ValueError(f"method_args.momentum must be in [0, 1] (the paper: 0.999), got {cfg.momentum}")
-        check_positive(cfg, "queue_size", "proj_hidden_dim", "proj_dim")
-        check_bn_groups(cfg.bn_groups, D.world_size())
         self.projector = mlp_head(backbone.dim, cfg.proj_hidden_dim, cfg.proj_dim)
         self.key_backbone = momentum_copy(self.backbone)  # θ_k: in state_dict, never optimised
         self.key_projector = momentum_copy(self.projector)
@@ -144,7 +146,12 @@ class MoCoV2(Method):
         # v1's queue starts as random unit vectors and fills with keys after K / N steps.
         self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))  # (K, D)
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))  # next row to overwrite
+        self._pending_keys: list[torch.Tensor] = []  # keys of this step's micro-batches, enqueued in on_step_end
         self.augment = self.view_pipeline(cfg.views)
+
+    def configure(self, steps_per_epoch: int, max_steps: int) -> None:
+        super().configure(steps_per_epoch, max_steps)
+        check_bn_groups(self.cfg.bn_groups, D.world_size())  # needs the number of processes
 
     def convert_batchnorm(self) -> None:
         """Global BN for the query encoder; the key encoder keeps local BN (its groups are the point)."""
@@ -158,7 +165,6 @@ class MoCoV2(Method):
     @torch.no_grad()
     def keys(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """Keys of the global batch ``(N, D)`` through the key encoder, with shuffling BN."""
-        self.key_backbone.channels_last = self.backbone.channels_last  # the trainer sets the query's flag
 
         def key_encoder(v):
             return self.key_projector(self.key_backbone(v))
@@ -182,7 +188,7 @@ class MoCoV2(Method):
         check_queue_size(cfg.queue_size, b * D.world_size() * (2 if cfg.symmetric else 1))  # before any work
         g = torch.Generator().manual_seed(batch.step)  # the shuffle: the same permutation on every process
         own = slice(D.rank() * b, (D.rank() + 1) * b)  # this process's rows of the global batch
-        queue = self.queue.clone()  # negatives of this step (the queue is updated below, before backward)
+        queue = self.queue  # negatives of this step; the queue changes only in on_step_end
         q1 = self.query(x1)
         k2 = self.keys(x2, g)  # (N, D)
         loss, logits = infonce_queue(q1, k2[own], queue, cfg.temperature)
@@ -194,12 +200,15 @@ class MoCoV2(Method):
             loss = loss + loss_21
             logits = torch.cat([logits, logits_21])
             new_keys = torch.cat([k1, k2])
-        if self.training:
-            self.enqueue(new_keys)
+        if self.training:  # enqueued after the optimiser step, so every micro-batch of a step sees one queue
+            self._pending_keys.append(new_keys)
         return {"loss": loss,
                 "acc": (logits.detach().argmax(dim=1) == 0).float().mean(),  # positive ranked first among 1 + K
                 "z_std": normalized_std(q1)}  # ~1/√proj_dim healthy, 0 when collapsed
 
     def on_step_end(self, step: int, max_steps: int) -> None:
+        if self._pending_keys:  # the keys of every micro-batch of this step, in order
+            self.enqueue(torch.cat(self._pending_keys))
+            self._pending_keys.clear()
         ema_update_(self.key_backbone, self.backbone, self.cfg.momentum)
         ema_update_(self.key_projector, self.projector, self.cfg.momentum)

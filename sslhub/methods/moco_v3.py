@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 
 import sslhub.distributed as D
+from sslhub.config import check
 from sslhub.data.augment import ViewConfig
 from sslhub.methods.base import Batch, Method, MethodConfig
 from sslhub.methods.common import (
-    check_positive,
     cosine_momentum,
     ema_update_,
     momentum_copy,
@@ -79,20 +79,21 @@ class MoCoV3Config(MethodConfig):
         size=224, scale=(0.08, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
         gray_p=0.2, blur_p=0.1, solarize_p=0.2))
 
+    def __post_init__(self):
+        check(self.temperature > 0, "temperature", "must be > 0 (the paper: 0.2 for ViT, 1.0 for ResNet)")
+        check(0 <= self.momentum <= 1, "momentum", "must be in [0, 1] (the paper: 0.99)")
+        for name in ("proj_hidden_dim", "proj_dim", "proj_layers", "pred_hidden_dim"):
+            check(getattr(self, name) >= 1, name, "must be a positive integer")
+
 
 @register_method("moco_v3")
 class MoCoV3(Method):
     Config = MoCoV3Config
     paper = "Chen et al. 2021, https://arxiv.org/abs/2104.02057"
+    batch_coupled = True  # in-batch negatives (the other keys of the batch)
 
     def __init__(self, backbone, cfg: MoCoV3Config):
         super().__init__(backbone, cfg)
-        if cfg.temperature <= 0:
-            raise ValueError(f"method_args.temperature must be > 0 (the paper: 0.2 for ViT, 1.0 for ResNet), "
-                             f"got {cfg.temperature}")
-        if not 0.0 <= cfg.momentum <= 1.0:
-            raise ValueError(f"method_args.momentum must be in [0, 1] (the paper: 0.99), got {cfg.momentum}")
-        check_positive(cfg, "proj_hidden_dim", "proj_dim", "proj_layers", "pred_hidden_dim")
         if cfg.freeze_patch_embed and hasattr(backbone.model, "patch_embed"):
             backbone.model.patch_embed.requires_grad_(False)
         self.projector = projection_mlp(backbone.dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers,
@@ -114,7 +115,6 @@ class MoCoV3(Method):
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> torch.Tensor:
         """Momentum-encoder keys of the global batch ``(N, proj_dim)``."""
-        self.momentum_backbone.channels_last = self.backbone.channels_last  # the trainer sets the online flag
         return D.gather_nograd(self.momentum_projector(self.momentum_backbone(x)))
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sslhub.config import check
 from sslhub.data.augment import ViewConfig, eval_transform, rotate90
 from sslhub.methods.base import Batch, Method, MethodConfig
 from sslhub.methods.registry import register_method
@@ -37,6 +38,9 @@ class RotationConfig(MethodConfig):
     # The paper trains CIFAR RotNets with random crops + flips only (no colour jitter).
     views: ViewConfig = field(default_factory=lambda: ViewConfig(
         size=32, scale=(0.5, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0, hflip_p=0.5))
+
+    def __post_init__(self):
+        check(self.head_hidden_dim >= 0, "head_hidden_dim", "must be >= 0 (0 = a linear classifier)")
 
 
 @register_method("rotation")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import sslhub.distributed as D
+from sslhub.config import check
 from sslhub.data.augment import ViewConfig
 from sslhub.methods.base import Batch, Method, MethodConfig
 from sslhub.methods.common import projection_mlp
@@ -52,11 +53,17 @@ class SimCLRConfig(MethodConfig):
         size=32, scale=(0.08, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
         gray_p=0.2, blur_p=0.0))
 
+    def __post_init__(self):
+        check(self.temperature > 0, "temperature", "must be > 0 (the paper: 0.5 for CIFAR-10, 0.1 for ImageNet)")
+        for name in ("proj_hidden_dim", "proj_dim", "proj_layers"):
+            check(getattr(self, name) >= 1, name, "must be a positive integer")
+
 
 @register_method("simclr")
 class SimCLR(Method):
     Config = SimCLRConfig
     paper = "Chen et al. 2020, https://arxiv.org/abs/2002.05709"
+    batch_coupled = True  # in-batch negatives
 
     def __init__(self, backbone, cfg: SimCLRConfig):
         super().__init__(backbone, cfg)

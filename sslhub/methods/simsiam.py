@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from sslhub.config import check
 from sslhub.data.augment import ViewConfig
 from sslhub.methods.base import Batch, Method, MethodConfig
-from sslhub.methods.common import check_positive, normalized_std, projection_mlp
+from sslhub.methods.common import normalized_std, projection_mlp
 from sslhub.methods.registry import register_method
 
 
@@ -56,6 +57,10 @@ class SimSiamConfig(MethodConfig):
         size=224, scale=(0.2, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
         gray_p=0.2, blur_p=0.5))
 
+    def __post_init__(self):
+        for name in ("proj_hidden_dim", "proj_dim", "proj_layers", "pred_hidden_dim"):
+            check(getattr(self, name) >= 1, name, "must be a positive integer")
+
 
 @register_method("simsiam")
 class SimSiam(Method):
@@ -64,7 +69,6 @@ class SimSiam(Method):
 
     def __init__(self, backbone, cfg: SimSiamConfig):
         super().__init__(backbone, cfg)
-        check_positive(cfg, "proj_hidden_dim", "proj_dim", "proj_layers", "pred_hidden_dim")
         # Output BN without γ, β as in the paper's code (its output Linear's bias is dropped too).
         self.projector = projection_mlp(backbone.dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers,
                                         last_bn=True, last_bn_affine=False)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sslhub.distributed as D
+from sslhub.config import check
 from sslhub.data.augment import ViewConfig
 from sslhub.methods.base import Batch, Method, MethodConfig
 from sslhub.methods.common import forward_multicrop, projection_mlp
@@ -100,6 +101,23 @@ class SwAVConfig(MethodConfig):
     local_views: ViewConfig = field(default_factory=lambda: ViewConfig(size=96, scale=(0.05, 0.14),
                                                                        **_PAPER_COLOUR))
 
+    def __post_init__(self):
+        check(self.n_prototypes >= 1, "n_prototypes", "must be at least 1 (the paper uses 3000)")
+        check(self.temperature > 0, "temperature", "must be positive (the paper uses 0.1)")
+        check(self.epsilon > 0, "epsilon", "must be positive (the paper uses 0.05)")
+        check(self.sinkhorn_iterations >= 1, "sinkhorn_iterations", "must be at least 1 (the paper uses 3)")
+        for name in ("proj_hidden_dim", "proj_dim", "proj_layers"):
+            check(getattr(self, name) >= 1, name, "must be a positive integer")
+        check(self.n_local_views >= 0, "n_local_views", "must be 0 or more (the paper uses 6)")
+        n_crops = N_GLOBAL_VIEWS + self.n_local_views
+        check(len(self.crops_for_assign) > 0 and len(set(self.crops_for_assign)) == len(self.crops_for_assign)
+              and all(0 <= i < n_crops for i in self.crops_for_assign), "crops_for_assign",
+              f"must be distinct crop indices in 0..{n_crops - 1} (the paper uses [0, 1], the global crops)")
+        # a multiple of the global batch: checked at the first step, where the batch is known (SwAV._codes)
+        check(self.queue_length >= 0, "queue_length", "must be 0 (no queue) or a multiple of the batch")
+        check(self.epoch_queue_starts >= 0, "epoch_queue_starts", "must be 0 or more")
+        check(self.freeze_prototypes_epochs >= 0, "freeze_prototypes_epochs", "must be 0 or more (the paper uses 1)")
+
 
 @register_method("swav")
 class SwAV(Method):
@@ -108,10 +126,10 @@ class SwAV(Method):
 
     Config = SwAVConfig
     paper = "Caron et al. 2020, https://arxiv.org/abs/2006.09882"
+    batch_coupled = True  # Sinkhorn codes balanced over the batch
 
     def __init__(self, backbone, cfg: SwAVConfig):
         super().__init__(backbone, cfg)
-        _check(cfg)
         self.projector = projection_mlp(backbone.dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers)
         self.prototypes = nn.Linear(cfg.proj_dim, cfg.n_prototypes, bias=False)  # C: (K, proj_dim)
         self.normalize_prototypes()
@@ -121,6 +139,7 @@ class SwAV(Method):
             # newest first, as [1]; identical on every process (it holds gathered global batches)
             self.register_buffer("queue", torch.zeros(len(cfg.crops_for_assign), cfg.queue_length, cfg.proj_dim))
             self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))  # valid rows
+        self._pending: list[torch.Tensor] = []  # (A, N, d) embeddings of this step's micro-batches, for the queue
 
     @torch.no_grad()
     def normalize_prototypes(self) -> None:
@@ -172,35 +191,19 @@ class SwAV(Method):
                 mine = self.queue[a, D.rank() * share : (D.rank() + 1) * share]  # (L/P, proj_dim)
                 s = torch.cat([mine @ c.T, s])  # (L/P + B, K)
             codes.append(sinkhorn(s, cfg.epsilon, cfg.sinkhorn_iterations)[-b:])
-        if queue_on:  # FIFO: shift by the global batch, newest rows first
-            z_new = D.gather_nograd(z[list(cfg.crops_for_assign)].transpose(0, 1)).transpose(0, 1)  # (A, N, d)
-            self.queue.copy_(torch.cat([z_new, self.queue[:, :-n]], dim=1))
-            self.queue_filled.add_(n).clamp_(max=cfg.queue_length)
+        if queue_on and self.training:  # the queue takes them in on_step_end: one queue for every micro-batch
+            self._pending.append(D.gather_nograd(z[list(cfg.crops_for_assign)].transpose(0, 1)).transpose(0, 1))
         return torch.stack(codes), use_queue
 
+    @torch.no_grad()
+    def enqueue(self, z_new: torch.Tensor) -> None:
+        """FIFO: shift by ``z_new (A, n, d)``'s n rows, newest first."""
+        n = z_new.shape[1]
+        self.queue.copy_(torch.cat([z_new, self.queue[:, :-n]], dim=1)[:, : self.cfg.queue_length])
+        self.queue_filled.add_(n).clamp_(max=self.cfg.queue_length)
+
     def on_step_end(self, step: int, max_steps: int) -> None:
+        if self._pending:  # this step's micro-batches, newest (the last) first
+            self.enqueue(torch.cat(self._pending[::-1], dim=1))
+            self._pending.clear()
         self.normalize_prototypes()  # so the stored state holds unit prototypes after every step
-
-
-def _check(cfg: SwAVConfig) -> None:
-    """Bad configuration → ``ValueError`` naming the ``method_args`` field."""
-    n_crops = N_GLOBAL_VIEWS + cfg.n_local_views
-    problems = [
-        (cfg.n_prototypes < 1, "n_prototypes", f"{cfg.n_prototypes}", "at least 1 (the paper uses 3000)"),
-        (cfg.temperature <= 0, "temperature", f"{cfg.temperature}", "positive (the paper uses 0.1)"),
-        (cfg.epsilon <= 0, "epsilon", f"{cfg.epsilon}", "positive (the paper uses 0.05)"),
-        (cfg.sinkhorn_iterations < 1, "sinkhorn_iterations", f"{cfg.sinkhorn_iterations}",
-         "at least 1 (the paper uses 3)"),
-        (cfg.n_local_views < 0, "n_local_views", f"{cfg.n_local_views}", "0 or more (the paper uses 6)"),
-        (not cfg.crops_for_assign or len(set(cfg.crops_for_assign)) != len(cfg.crops_for_assign)
-         or not all(0 <= i < n_crops for i in cfg.crops_for_assign), "crops_for_assign",
-         f"{list(cfg.crops_for_assign)}", f"distinct crop indices in 0..{n_crops - 1} (the paper uses [0, 1], "
-         f"the global crops)"),
-        (cfg.queue_length < 0, "queue_length", f"{cfg.queue_length}", "0 (no queue) or a multiple of the batch"),
-        (cfg.epoch_queue_starts < 0, "epoch_queue_starts", f"{cfg.epoch_queue_starts}", "0 or more"),
-        (cfg.freeze_prototypes_epochs < 0, "freeze_prototypes_epochs", f"{cfg.freeze_prototypes_epochs}",
-         "0 or more (the paper uses 1)"),
-    ]
-    for bad, name, value, want in problems:
-        if bad:
-            raise ValueError(f"method_args.{name}={value}: must be {want}")

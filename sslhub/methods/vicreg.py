@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 
 import sslhub.distributed as D
+from sslhub.config import check
 from sslhub.data.augment import ViewConfig
 from sslhub.methods.base import Batch, Method, MethodConfig
 from sslhub.methods.common import (
-    check_positive,
     normalized_std,
     off_diagonal,
     projection_mlp,
@@ -96,24 +96,24 @@ class VICRegConfig(MethodConfig):
     views: ViewConfig = field(default_factory=lambda: _views(blur_p=1.0, solarize_p=0.0))  # t
     views2: ViewConfig = field(default_factory=lambda: _views(blur_p=0.1, solarize_p=0.2))  # t'
 
+    def __post_init__(self):
+        for name in ("sim_coeff", "std_coeff", "cov_coeff"):
+            check(getattr(self, name) >= 0, name, "a loss coefficient must be ≥ 0 "
+                  "(paper: sim_coeff=25, std_coeff=25, cov_coeff=1)")
+        check(self.gamma > 0, "gamma", "the target standard deviation must be > 0 (paper: 1)")
+        check(self.eps > 0, "eps", "must be > 0 so that sqrt(Var + eps) has a gradient at zero variance (paper: 1e-4)")
+        for name in ("proj_hidden_dim", "proj_dim", "proj_layers"):
+            check(getattr(self, name) >= 1, name, "must be a positive integer")
+
 
 @register_method("vicreg")
 class VICReg(Method):
     Config = VICRegConfig
     paper = "Bardes et al. 2022, https://arxiv.org/abs/2105.04906"
+    batch_coupled = True  # variance and covariance over the batch
 
     def __init__(self, backbone, cfg: VICRegConfig):
         super().__init__(backbone, cfg)
-        for name in ("sim_coeff", "std_coeff", "cov_coeff"):
-            if getattr(cfg, name) < 0:
-                raise ValueError(f"method_args.{name}={getattr(cfg, name)}: a loss coefficient must be ≥ 0 "
-                                 "(paper: sim_coeff=25, std_coeff=25, cov_coeff=1)")
-        if cfg.gamma <= 0:
-            raise ValueError(f"method_args.gamma={cfg.gamma}: the target standard deviation must be > 0 (paper: 1)")
-        if cfg.eps <= 0:
-            raise ValueError(f"method_args.eps={cfg.eps}: must be > 0 so that sqrt(Var + eps) has a gradient "
-                             "at zero variance (paper: 1e-4)")
-        check_positive(cfg, "proj_hidden_dim", "proj_dim", "proj_layers")
         self.projector = projection_mlp(backbone.dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers,
                                         bias=False)
         self.augment1 = self.view_pipeline(cfg.views)

@@ -17,7 +17,8 @@ import torch
 from timm.models import build_model_with_cfg, register_model
 from torch import nn
 
-from sslhub.config import to_dict
+from sslhub.config import check, to_dict
+from sslhub.errors import InputError
 
 
 @dataclass
@@ -28,6 +29,10 @@ class EncoderConfig:
     model_args: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs (e.g. patch_size)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self):
+        check(self.image_size >= 1, "image_size", "the input side in pixels must be a positive integer")
+        check(all(s > 0 for s in self.std), "std", "every channel's std must be > 0")
 
 
 
@@ -40,7 +45,7 @@ def _cifar_builder(base: str):
     def build(**kwargs: Any) -> nn.Module:
         model = timm.create_model(base, pretrained=False, **kwargs)
         if not hasattr(model, "conv1") or not hasattr(model, "maxpool"):
-            raise ValueError(f"cifar_stem needs a timm ResNet (conv1 + maxpool); {base!r} has no such stem")
+            raise InputError(f"cifar_stem needs a timm ResNet (conv1 + maxpool); {base!r} has no such stem")
         out_ch = model.conv1.out_channels if isinstance(model.conv1, nn.Conv2d) else 64
         model.conv1 = nn.Conv2d(model.conv1.in_channels if isinstance(model.conv1, nn.Conv2d) else 3,
                                 out_ch, kernel_size=3, stride=1, padding=1, bias=False)
@@ -57,7 +62,7 @@ def cifar_variant(base: str) -> str:
     if timm.is_model(name):
         return name
     if not timm.is_model(base):
-        raise ValueError(f"unknown timm architecture {base!r} (see timm.list_models())")
+        raise InputError(f"unknown timm architecture {base!r} (see timm.list_models())")
 
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
         cfg = kwargs.pop("pretrained_cfg", None) or {"architecture": name}
@@ -79,7 +84,7 @@ def timm_arch(cfg: EncoderConfig) -> str:
     if not timm.is_model(cfg.arch):
         if cfg.arch.endswith(CIFAR_SUFFIX):
             return cifar_variant(cfg.arch[: -len(CIFAR_SUFFIX)])
-        raise ValueError(f"encoder.arch: unknown timm architecture {cfg.arch!r}; try e.g. resnet18, vit_tiny_patch16_224")
+        raise InputError(f"encoder.arch: unknown timm architecture {cfg.arch!r}; try e.g. resnet18, vit_tiny_patch16_224")
     return cfg.arch
 
 

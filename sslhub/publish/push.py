@@ -26,6 +26,7 @@ import re
 from pathlib import Path
 
 from sslhub import formats
+from sslhub.errors import SslhubError
 from sslhub.inference.loaders import layout
 from sslhub.inference.loaders.base import Encoder, LoadError, read_json
 from sslhub.publish.card import render_card
@@ -74,7 +75,7 @@ The library that wrote these files reads them too:
 """
 
 
-class PushError(ValueError):
+class PushError(SslhubError, ValueError):
     """A push was refused or failed; the message names the folder or repo and says what to do."""
 
 

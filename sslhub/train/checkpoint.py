@@ -17,11 +17,12 @@ from safetensors.torch import save_file
 
 from sslhub import formats
 from sslhub.atomic import atomic_write
+from sslhub.errors import SslhubError
 
 _TENSOR = "__tensor__"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SslhubError, RuntimeError):
     pass
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from sslhub.config import ConfigError, from_dict, to_dict
+from sslhub.config import ConfigError, check, from_dict, to_dict
 from sslhub.methods.registry import get_method
 from sslhub.models.backbone import EncoderConfig
 
@@ -25,6 +25,10 @@ class DataConfig:
     split: str = "train"  # split to read from a folder with a dataset.json
     batch_size: int = 256  # global batch size (split across processes)
     num_workers: int = 2  # decoding workers (images are decoded once, into memory, before training)
+
+    def __post_init__(self):
+        check(self.batch_size >= 1, "batch_size", "the global batch must be a positive integer")
+        check(self.num_workers >= 0, "num_workers", "must be >= 0 (0 = decode in the main process)")
 
 
 @dataclass
@@ -40,18 +44,37 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     clip_grad: Optional[float] = None  # max global grad norm, off when null
 
+    def __post_init__(self):
+        check(self.lr > 0, "lr", "the learning rate must be > 0")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(0 <= self.momentum <= 1, "momentum", "must be in [0, 1]")
+        check(all(0 <= b < 1 for b in self.betas), "betas", "AdamW's betas must be in [0, 1)")
+        check(self.trust_coefficient > 0, "trust_coefficient", "LARS's eta must be > 0 (the paper: 0.001)")
+        check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "the final lr as a fraction of lr must be in [0, 1]")
+        check(self.clip_grad is None or self.clip_grad > 0, "clip_grad", "a gradient-norm limit must be > 0 "
+              "(null: no clipping)")
+
 
 @dataclass
 class TrainConfig:
     epochs: float = 100.0
     max_steps: Optional[int] = None  # overrides epochs when set
-    accumulate: int = 1  # gradient accumulation micro-steps per optimizer step
+    accumulate: int = 1  # micro-batches of data.batch_size per optimiser step (a step sees batch_size × accumulate)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = torch.autocast on CPU or GPU
     channels_last: bool = False
     device: str = "auto"  # auto → cuda when available, else cpu
     log_every: int = 10  # steps between metric rows
     ckpt_every: int = 200  # steps between checkpoints (one more at the end)
     threads: Optional[int] = None  # torch.set_num_threads; null → torch's default
+
+    def __post_init__(self):
+        check(self.epochs > 0, "epochs", "must be > 0")
+        check(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1 (null: from epochs)")
+        check(self.accumulate >= 1, "accumulate", "micro-steps per optimiser step must be >= 1")
+        check(self.log_every >= 1, "log_every", "must be >= 1 step")
+        check(self.ckpt_every >= 1, "ckpt_every", "must be >= 1 step")
+        check(self.threads is None or self.threads >= 1, "threads", "must be >= 1 (null: torch's default)")
 
 
 @dataclass
@@ -62,6 +85,10 @@ class KnnEval:
     test_split: str = "test"
     k: tuple[int, ...] = (20, 200)
     temperature: float = 0.07
+
+    def __post_init__(self):
+        check(all(k >= 1 for k in self.k), "k", "every number of neighbours must be >= 1")
+        check(self.temperature > 0, "temperature", "must be > 0 (Wu et al. 2018: 0.07)")
 
 
 @dataclass
@@ -79,6 +106,9 @@ class RetrievalEval:
     data: str = ""  # empty → skip
     split: str = "test"
     k: tuple[int, ...] = (1, 5, 10)
+
+    def __post_init__(self):
+        check(all(k >= 1 for k in self.k), "k", "every recall@k must have k >= 1")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from sslhub.data.augment import eval_transform, normalize, to_float
 from sslhub.data.images import BadImage, open_image, to_rgb
-from sslhub.errors import SslhubError
+from sslhub.errors import SslhubError, UnsupportedError
 
 ImageLike = Union[str, Path, Image.Image]
 
@@ -148,7 +148,7 @@ class Encoder:
         if not self.has_text:
             why = self.no_text_reason or ("has no text tower: embed_text needs an image–text model (CLIP, SigLIP: "
                                           "an open_clip or transformers folder, open_clip:ARCH/TAG)")
-            raise TypeError(f"{self.name or 'this encoder'} ({self.kind}) {why}")
+            raise UnsupportedError(f"{self.name or 'this encoder'} ({self.kind}) {why}")
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
