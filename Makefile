@@ -27,7 +27,9 @@ quickstart: $(STAMP)
 	@if [ "$(DEMO)" = 1 ]; then echo "demo of runs/quickstart/export on http://127.0.0.1:7860 (Ctrl-C stops it)"; \
 	  GRADIO_ANALYTICS_ENABLED=False $(BIN)/python demos/app.py; fi
 
+# the import contracts (pyproject.toml [tool.importlinter]: no cycles, layers), then the default test tier
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)

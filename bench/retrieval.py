@@ -8,7 +8,7 @@ copies per image at 100k, 20 at 1M.
 Queries are CIFAR-10 *test* images, never in the database, embedded the same way. The auto index
 (HNSW up to 2M vectors) and an IVF-Flat index are both calibrated (efSearch / nprobe) on 256 held-out
 test images (``calibration_queries``, never among the 1,000 measured ones): calibrating on database
-rows overrates recall on near-duplicate copies (see sslhub/retrieval.py).
+rows overrates recall on near-duplicate copies (see sslhub/inference/retrieval.py).
 
 Measured per N and index: build time (one build; includes k-means and nprobe calibration), queries/s
 for 1,000 queries at k = 10 in one batch on 2 threads (median of 3 runs after a warm-up), recall@10

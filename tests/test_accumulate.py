@@ -127,3 +127,33 @@ def test_micro_batches_see_the_same_state():
     assert torch.equal(m.queue, before)
     m.on_step_end(0, STEPS)
     assert int(m.queue_ptr) == 2 * B and not torch.equal(m.queue[: 2 * B], before[: 2 * B])
+
+
+def test_trainer_accumulate_2_equals_one_step_at_twice_the_batch(tmp_path):
+    """The whole trainer: ``data.batch_size=8, train.accumulate=2`` ends with the weights of
+    ``batch_size=16`` (same images per step, same learning rate), for a per-sample method on a network
+    without batch norm (a one-block ViT, rotation prediction with a linear head, deterministic views)."""
+    from conftest import REPO, SAMPLE
+
+    from sslhub.train.recipe import load_recipe
+    from sslhub.train.trainer import train
+
+    common = ["encoder.arch=vit_tiny_patch16_224", "encoder.cifar_stem=false", "encoder.image_size=16",
+              "encoder.model_args={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
+              f"data.train={SAMPLE}", "data.num_workers=0", "train.max_steps=3", "optim.warmup_epochs=0",
+              "eval.knn.test=", "method_args.head_hidden_dim=0",
+              "method_args.views={size: 16, scale: [1.0, 1.0], ratio: [1.0, 1.0], hflip_p: 0.0, jitter_p: 0.0, "
+              "gray_p: 0.0}"]
+    runs = {}
+    for name, over in (("accumulated", ["data.batch_size=8", "train.accumulate=2"]),
+                       ("one_batch", ["data.batch_size=16", "train.accumulate=1"]),
+                       ("half_batch", ["data.batch_size=8", "train.accumulate=1"])):
+        recipe = load_recipe(REPO / "recipes/rotation_cifar10.yaml", [*common, *over])
+        result = train(recipe, tmp_path / name, progress=False)
+        from safetensors.torch import load_file
+        runs[name] = load_file(f"{result['export']}/model.safetensors")
+        cfg = __import__("json").loads((tmp_path / name / "export/config.json").read_text())
+        assert cfg["sslhub"]["global_batch"] == (8 if name == "half_batch" else 16)
+    for k, v in runs["one_batch"].items():
+        assert torch.allclose(runs["accumulated"][k], v, rtol=1e-4, atol=1e-6), k
+    assert any(not torch.allclose(runs["half_batch"][k], v, rtol=1e-4, atol=1e-6) for k, v in runs["one_batch"].items())

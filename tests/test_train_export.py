@@ -23,6 +23,9 @@ def test_train_evaluate_export_load(tmp_path):
     cfg = json.loads((export / "config.json").read_text())
     assert cfg["architecture"] == "resnet18_cifar" and cfg["sslhub"]["steps"] == 3
     assert cfg["sslhub"]["eval"]["knn"]["top1@k=20"] == res["knn"]["top1@k=20"]
+    # the trainer's k-NN is the one `sslhub eval knn` computes on the folder a user loads
+    again = run_cli("eval", "knn", "--model", str(export), "--train", str(SAMPLE), "--test", str(SAMPLE))
+    assert {k: again["knn"][k] for k in ("top1@k=20", "top1@k=200")} == {k: res["knn"][k] for k in ("top1@k=20", "top1@k=200")}
     card = (export / "README.md").read_text()
     assert "library_name: sslhub" in card and str(res["knn"]["top1@k=20"]) in card
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
@@ -88,3 +91,16 @@ def test_eval_knn_cli(tmp_path):
                   "--k", "5", "20", "--workers", "0")
     assert res["knn"]["bank_size"] == 1000 and res["knn"]["test_size"] == 500
     assert set(res["knn"]) >= {"top1@k=5", "top1@k=20"}
+
+
+def test_bad_evaluation_data_keeps_the_export(tmp_path, capsys):
+    """A k-NN test set that cannot be read fails the run with its message, after the export is written."""
+    from sslhub.apps.cli import main
+
+    rc = main(["train", str(REPO / "recipes/simclr_cifar10.yaml"), *sum((["--set", s] for s in TINY), []),
+               "--set", "train.max_steps=2", "--set", f"eval.knn.test={tmp_path / 'missing'}",
+               "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "missing" in err and "is written, without evaluation figures" in err
+    assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
+    assert load_encoder(tmp_path / "run" / "export").dim == 128

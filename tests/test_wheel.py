@@ -158,6 +158,9 @@ def test_wheel_ships_the_package_data(wheel):
 def test_clip_extra_trains_and_evaluates_from_the_wheel(wheel, workdir):
     bin_, cwd = install_wheel(workdir, "venv-clip", wheel, "clip")
     assert (bin_ / "sslhub").is_file()  # the console script
+    r = run([bin_ / "python", "-c", "import importlib.util as u; print(u.find_spec('faiss') is None)"],
+            timeout=120, cwd=cwd, env=clean_env(bin_))
+    assert r.stdout.strip() == "True", "sslhub[clip] installed faiss: this no longer shows CLIP evaluation runs without it"
     t0 = time.perf_counter()
     out = cwd / "run"
     sets = [

@@ -1,4 +1,4 @@
-"""What the ``sslhub`` sub-commands do; ``sslhub/cli.py`` only parses arguments.
+"""What the ``sslhub`` sub-commands do; ``sslhub/apps/cli.py`` only parses arguments.
 
 Each function takes the parsed arguments and returns the JSON-able result the CLI prints.
 """

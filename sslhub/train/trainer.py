@@ -40,9 +40,8 @@ from sslhub.methods.base import Batch, Method
 from sslhub.methods.registry import get_method
 from sslhub.schedules import cosine_schedule
 from sslhub.train.checkpoint import load_state, save_state
-from sslhub.train.metrics_log import MetricsLog
+from sslhub.train.metrics_log import MetricsLog, plot_curves
 from sslhub.train.optim import build_optimizer, scaled_lr
-from sslhub.train.plots import plot_curves
 from sslhub.train.recipe import Recipe
 
 log = logging.getLogger("sslhub.train")
@@ -255,7 +254,12 @@ class Trainer:
             if self.metrics_log.rows:
                 plot_curves(self.metrics_log.path)
             self.method.eval()
-            test = self.decode_test()
+            failed: list[SslhubError] = []  # bad evaluation data: the export is still written, then the error
+            try:
+                test = self.decode_test()
+            except SslhubError as e:
+                failed.append(e)
+                test = None
             pretext = self.pretext(test)
             info = {"method": r.method, "paper": self.method.paper, "recipe": r.to_dict(), "recipe_file": r.source,
                     "steps": self.total, "global_batch": self.step_batch, "processes": self.world,
@@ -264,10 +268,17 @@ class Trainer:
             figures: dict[str, Any] = dict(pretext)
 
             def evaluate(folder: Path) -> dict[str, Any]:
-                figures.update(self.evaluate_export(folder, test))
+                try:
+                    if not failed:
+                        figures.update(self.evaluate_export(folder, test))
+                except SslhubError as e:
+                    failed.append(e)
                 return figures
 
             export = self.method.export(self.out / formats.RUN_EXPORT, info, evaluate=evaluate)
+            if failed:
+                raise SslhubError(f"{failed[0]}\n(training finished and {export} is written, without evaluation "
+                                  "figures: fix the eval.* settings and evaluate it with `sslhub eval`)")
             (self.out / formats.RUN_METRICS_JSON).write_text(json.dumps({"steps": self.total, **figures}, indent=1))
             result = {"export": str(export), "steps": self.total, **figures}
         D.barrier()
