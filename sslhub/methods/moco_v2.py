@@ -40,6 +40,7 @@ from torch import nn
 import sslhub.distributed as D
 from sslhub.config import check
 from sslhub.data.augment import ViewConfig
+from sslhub.errors import InputError
 from sslhub.methods.base import Batch, Method, MethodConfig
 from sslhub.methods.common import (
     ema_update_,
@@ -66,9 +67,9 @@ def infonce_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor,
 
 def check_bn_groups(bn_groups: int, world: int) -> None:
     if bn_groups < 1:
-        raise ValueError(f"method_args.bn_groups must be a positive integer (the paper: 8), got {bn_groups}")
+        raise InputError(f"method_args.bn_groups must be a positive integer (the paper: 8), got {bn_groups}")
     if bn_groups % world:
-        raise ValueError(f"method_args.bn_groups={bn_groups} must be a multiple of the number of processes "
+        raise InputError(f"method_args.bn_groups={bn_groups} must be a multiple of the number of processes "
                          f"({world}): every process forwards bn_groups / processes key groups")
 
 
@@ -84,7 +85,7 @@ def shuffle_bn_forward(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
     x_all = D.gather_nograd(x)  # (N, ...)
     n = x_all.shape[0]
     if n % bn_groups:
-        raise ValueError(f"the global batch of {n} images does not split into method_args.bn_groups="
+        raise InputError(f"the global batch of {n} images does not split into method_args.bn_groups="
                          f"{bn_groups} equal groups: pick bn_groups dividing data.batch_size")
     perm = torch.randperm(n, generator=g).to(x.device)  # position j of the shuffled batch holds image perm[j]
     per_rank = n // world
@@ -98,7 +99,7 @@ def shuffle_bn_forward(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
 
 def check_queue_size(queue_size: int, keys_per_step: int) -> None:
     if keys_per_step > queue_size:
-        raise ValueError(f"method_args.queue_size={queue_size} is smaller than the {keys_per_step} keys enqueued "
+        raise InputError(f"method_args.queue_size={queue_size} is smaller than the {keys_per_step} keys enqueued "
                          f"per step: use a queue of at least the global batch (twice it when symmetric)")
 
 

@@ -28,6 +28,7 @@ from torch import nn
 import sslhub.distributed as D
 from sslhub.config import check
 from sslhub.data.augment import ViewConfig
+from sslhub.errors import InputError
 from sslhub.methods.base import Batch, Method, MethodConfig
 from sslhub.methods.common import forward_multicrop, projection_mlp
 from sslhub.methods.registry import register_method
@@ -178,7 +179,7 @@ class SwAV(Method):
         cfg, b = self.cfg, scores.shape[1]
         n = b * D.world_size()  # the global batch (every process holds b images)
         if cfg.queue_length % n:  # checked from the first step, not only once the queue starts
-            raise ValueError(f"method_args.queue_length={cfg.queue_length} is not a multiple of the global batch "
+            raise InputError(f"method_args.queue_length={cfg.queue_length} is not a multiple of the global batch "
                              f"of a step ({n} images): set it to a multiple of data.batch_size / train.accumulate, "
                              f"or 0 for no queue")
         queue_on = cfg.queue_length > 0 and step >= self._epoch_step(cfg.epoch_queue_starts)

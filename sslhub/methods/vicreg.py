@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import sslhub.distributed as D
 from sslhub.config import check
 from sslhub.data.augment import ViewConfig
+from sslhub.errors import InputError
 from sslhub.methods.base import Batch, Method, MethodConfig
 from sslhub.methods.common import (
     normalized_std,
@@ -65,7 +66,7 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std
     invariance = F.mse_loss(z1, z2)  # local rows: the process mean is the global mean
     z1_all, z2_all = D.gather(z1), D.gather(z2)  # (N, d) each
     if z1_all.shape[0] < 2:
-        raise ValueError("vicreg needs at least 2 images in the (global) batch to estimate variances")
+        raise InputError("vicreg needs at least 2 images in the (global) batch to estimate variances")
     variance = (variance_loss(z1_all, gamma, eps) + variance_loss(z2_all, gamma, eps)) / 2
     covariance = covariance_loss(z1_all) + covariance_loss(z2_all)
     loss = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance

@@ -161,12 +161,12 @@ class Trainer:
         if D.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / formats.RUN_RECIPE).write_text(json.dumps(r.to_dict(), indent=1))
+        self.method = self.build_method()  # before the data: a model that cannot be built fails at once
         self.data = self.load_data()
         self.step_batch = r.data.batch_size * tc.accumulate  # images per optimiser step, all processes
         self.plan = BatchPlan(len(self.data), self.step_batch, r.seed, self.rank, self.world)
         spe = self.plan.steps_per_epoch
         self.total = tc.max_steps if tc.max_steps is not None else max(1, int(tc.epochs * spe))
-        self.method = self.build_method()
         self.method.configure(spe, self.total)
         if tc.accumulate > 1 and self.method.batch_coupled:
             log.warning("%s compares the samples of a batch with each other (in-batch negatives or batch "
