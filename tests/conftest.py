@@ -82,3 +82,15 @@ def open_clip_folder(tmp_path_factory):
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": pp}))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
     return folder, model, preprocess, open_clip.get_tokenizer("sslhub-test-tiny-clip")
+
+
+def stop_process(proc) -> None:
+    """Terminate a server started by a test; kill it if it has not exited within 30 s."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

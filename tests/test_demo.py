@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 pytest.importorskip("gradio")
-from conftest import REPO, run_cli  # noqa: E402
+from conftest import REPO, run_cli, stop_process  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
@@ -323,8 +323,4 @@ def test_cli_serves_a_saved_index(open_clip_folder, tmp_path):
         gallery, table = Client(url, verbose=False).predict("a dog", 4, api_name="/search_text")
         assert len(table["data"]) == 4 and len(gallery) == 4  # the images come back from the recorded data
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)

@@ -31,6 +31,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "sslhub"
@@ -218,12 +219,7 @@ def test_demo_extra_serves_the_demo_from_the_wheel(wheel, workdir):
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(1)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
     phase("venv-demo: sslhub demo start → HTTP 200", t0)
     assert status == 200, f"the demo did not answer (exit {proc.returncode}):\n{(cwd / 'demo.log').read_text()[-5000:]}"
