@@ -248,41 +248,45 @@ class Trainer:
 
     # ------------------------------------------------------------------ finish
     def finish(self) -> dict[str, Any]:
-        """Curves, then the export, written once; its evaluation runs on the folder through ``load_encoder``."""
-        r, result = self.recipe, {}
+        result, error = {}, None
         if D.is_main():
             if self.metrics_log.rows:
                 plot_curves(self.metrics_log.path)
-            self.method.eval()
-            failed: list[SslhubError] = []  # bad evaluation data: the export is still written, then the error
-            try:
-                test = self.decode_test()
-            except SslhubError as e:
-                failed.append(e)
-                test = None
-            pretext = self.pretext(test)
-            info = {"method": r.method, "paper": self.method.paper, "recipe": r.to_dict(), "recipe_file": r.source,
-                    "steps": self.total, "global_batch": self.step_batch, "processes": self.world,
-                    "train_data": r.data.train, "train_images": len(self.data),
-                    "train_seconds": round(self.elapsed, 1), "eval": pretext}
-            figures: dict[str, Any] = dict(pretext)
+            result, error = self.export()
+        D.barrier()  # every process gets here before an error is raised: none waits for the others
+        if error is not None:
+            raise error
+        return result
 
-            def evaluate(folder: Path) -> dict[str, Any]:
+    def export(self) -> tuple[dict[str, Any], SslhubError | None]:
+        """The export, written once; it is evaluated on the folder, loaded as users load it. With bad evaluation
+        data the export is still written and the error is returned with what was written."""
+        self.method.eval()
+        failed: list[SslhubError] = []
+        try:
+            test = self.decode_test()
+        except SslhubError as e:
+            failed.append(e)
+            test = None
+        figures = self.pretext(test)
+        info = {"method": self.recipe.method, "paper": self.method.paper, "recipe": self.recipe.to_dict(),
+                "recipe_file": self.recipe.source, "steps": self.total, "global_batch": self.step_batch,
+                "processes": self.world, "train_data": self.recipe.data.train, "train_images": len(self.data),
+                "train_seconds": round(self.elapsed, 1), "eval": dict(figures)}
+
+        def evaluate(folder: Path) -> dict[str, Any]:
+            if not failed:
                 try:
-                    if not failed:
-                        figures.update(self.evaluate_export(folder, test))
+                    figures.update(self.evaluate_export(folder, test))
                 except SslhubError as e:
                     failed.append(e)
-                return figures
+            return figures
 
-            export = self.method.export(self.out / formats.RUN_EXPORT, info, evaluate=evaluate)
-            if failed:
-                raise SslhubError(f"{failed[0]}\n(training finished and {export} is written, without evaluation "
-                                  "figures: fix the eval.* settings and evaluate it with `sslhub eval`)")
-            (self.out / formats.RUN_METRICS_JSON).write_text(json.dumps({"steps": self.total, **figures}, indent=1))
-            result = {"export": str(export), "steps": self.total, **figures}
-        D.barrier()
-        return result
+        export = self.method.export(self.out / formats.RUN_EXPORT, info, evaluate=evaluate)
+        (self.out / formats.RUN_METRICS_JSON).write_text(json.dumps({"steps": self.total, **figures}, indent=1))
+        error = SslhubError(f"{failed[0]}\n(training finished and {export} is written, without evaluation figures: "
+                            "fix the eval.* settings and evaluate it with `sslhub eval`)") if failed else None
+        return {"export": str(export), "steps": self.total, **figures}, error
 
     def decode_test(self) -> DecodedImages | None:
         """The k-NN queries (``eval.knn.test``), decoded once at the encoder's size, or None."""
