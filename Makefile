@@ -20,7 +20,7 @@ install: $(STAMP)
 # (http://127.0.0.1:7860, Ctrl-C stops it; `make quickstart DEMO=0` stops after the evaluation)
 DEMO ?= 1
 quickstart: $(STAMP)
-	$(BIN)/sslhub train recipes/simclr_cifar10.yaml --out runs/quickstart \
+	$(BIN)/sslhub train recipes/simclr_cifar10.yaml --out runs/quickstart --overwrite \
 	  --set encoder.model_args.channels=[32,64,128,256] --set data.batch_size=128 \
 	  --set train.max_steps=40 --set optim.warmup_epochs=1
 	$(BIN)/sslhub eval knn --model runs/quickstart/export --train data/cifar10-sample --test data/cifar10-sample

@@ -75,7 +75,7 @@ class PreloadedTrainer(Trainer):
     """The real trainer, fed the training split decoded once for all methods."""
 
     def __init__(self, recipe, out, data: DecodedImages):
-        super().__init__(recipe, out, progress=False)
+        super().__init__(recipe, out, progress=False, overwrite=True)  # a re-run replaces its run
         self._preloaded = data
 
     def load_data(self) -> DecodedImages:

@@ -32,7 +32,14 @@ from sslhub.errors import SslhubError
 
 
 class ConfigError(SslhubError, ValueError):
-    """A recipe or config value is missing, unknown, of the wrong type or out of range."""
+    """A recipe or config value is missing, unknown, of the wrong type or out of range.
+
+    ``key`` (the dotted key) and ``where`` (the file) are set when the error is about one key of a file, so a
+    caller that knows the value came from elsewhere (``--set``) can say so."""
+
+    def __init__(self, message: str, key: str | None = None, where: str | None = None):
+        super().__init__(message)
+        self.key, self.where = key, where
 
 
 class InvalidValue(SslhubError, ValueError):
@@ -55,12 +62,14 @@ def check(condition: bool, key: str, message: str) -> None:
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in get_args(tp))
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
 def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
     origin = get_origin(tp)
-    fail = ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    fail = ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})", key, where)
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
@@ -93,7 +102,7 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
         args = get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
-                raise ConfigError(f"{where}: {key}: expected {len(args)} values, got {len(value)}")
+                raise ConfigError(f"{where}: {key}: expected {len(args)} values, got {len(value)}", key, where)
             items = [_convert(a, v, f"{key}[{i}]", where) for i, (a, v) in enumerate(zip(args, value))]
         else:
             item_tp = args[0] if args else Any
@@ -109,6 +118,11 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 and 3e-4 as strings: any form float() takes is a float
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise fail
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -139,7 +153,7 @@ def from_dict(cls: type, data: dict | None, where: str = "config", prefix: str =
         k = unknown[0]
         close = difflib.get_close_matches(str(k), fields, n=1)
         hint = f" (did you mean {prefix}{close[0]!r}?)" if close else f" (known keys: {', '.join(fields)})"
-        raise ConfigError(f"{where}: unknown key {prefix}{k!r}{hint}")
+        raise ConfigError(f"{where}: unknown key {prefix}{k!r}{hint}", f"{prefix}{k}", where)
     kwargs = {}
     for name, f in fields.items():
         if name in data:
@@ -162,8 +176,8 @@ def from_dict(cls: type, data: dict | None, where: str = "config", prefix: str =
         elif e.key in fields and fields[e.key].default is not dataclasses.MISSING:
             value = fields[e.key].default
         else:  # a key that is not a plain field (or a default from a factory): no value to show
-            raise ConfigError(f"{where}: {prefix}{e.key}: {e.message}") from None
-        raise ConfigError(f"{where}: {prefix}{e.key}={value!r}: {e.message}") from None
+            raise ConfigError(f"{where}: {prefix}{e.key}: {e.message}", f"{prefix}{e.key}", where) from None
+        raise ConfigError(f"{where}: {prefix}{e.key}={value!r}: {e.message}", f"{prefix}{e.key}", where) from None
 
 
 def to_dict(obj: Any) -> Any:

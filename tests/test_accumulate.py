@@ -79,7 +79,7 @@ def run_reference_steps(method: Method, images, texts, chunks: int) -> list[dict
             twin_params = [p for p in twin.parameters() if p.requires_grad]
             res = twin.loss(batch)
             res["loss"].backward()
-            losses.append(float(res["loss"]))
+            losses.append(float(res["loss"].detach()))
             grads.append(flat_grads(twin_params))
         mean_grad = torch.stack(grads).mean(0)
         offset = 0

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -43,11 +44,11 @@ def test_overrides_are_typed():
     ("encoder.cifar_stem=3", "encoder.cifar_stem: expected bool"),
     ("method_args.views.scale=[0.1]", "method_args.views.scale"),
 ])
-def test_bad_keys_and_types_name_the_key_and_file(override, message):
+def test_bad_keys_and_types_name_the_key_and_the_set(override, message):
     with pytest.raises(ConfigError) as e:
         load_recipe(REPO / "recipes/simclr_cifar10.yaml", [override])
     assert message in str(e.value)
-    assert "simclr_cifar10.yaml" in str(e.value)
+    assert str(e.value).startswith(f"--set {override}: ")  # the value came from --set, not from the file
 
 
 def test_unknown_method_and_missing_file():
@@ -66,3 +67,33 @@ def test_a_partial_nested_block_keeps_the_fields_own_defaults():
     r = recipe_from_dict({"method": "rotation", "method_args": {"views": {"size": 64}}})
     assert r.method_args.views.size == 64
     assert dataclasses.replace(r.method_args.views, size=default.size) == default
+
+
+def test_every_float_form_is_a_float(tmp_path):
+    """YAML 1.1 reads 1e-3 as a string; wherever a float is expected, any form float() takes is accepted."""
+    recipe = REPO / "recipes/simclr_cifar10.yaml"
+    r = load_recipe(recipe, ["optim.lr=1e-3", "optim.weight_decay=3e-4", "optim.min_lr_ratio=1E-2",
+                             "method_args.temperature=2.5e-1"])
+    assert (r.optim.lr, r.optim.weight_decay, r.optim.min_lr_ratio, r.method_args.temperature) == (1e-3, 3e-4, 1e-2, 0.25)
+    f = tmp_path / "r.yaml"
+    f.write_text(recipe.read_text().replace("  lr: 1.0 ", "  lr: 1e30 ", 1))
+    assert load_recipe(f).optim.lr == 1e30
+    with pytest.raises(ConfigError, match=r"optim\.lr: expected float, got 'fast'"):
+        load_recipe(recipe, ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match=r"train\.max_steps: expected int"):
+        load_recipe(recipe, ["train.max_steps=1e3"])  # an int is not a float
+
+
+def test_errors_name_the_set_or_the_file(tmp_path):
+    recipe = REPO / "recipes/simclr_cifar10.yaml"
+    with pytest.raises(ConfigError, match=r"^--set optim\.lr=-1: optim\.lr=-1\.0: ") as e:
+        load_recipe(recipe, ["optim.lr=-1"])
+    assert str(recipe) not in str(e.value)
+    with pytest.raises(ConfigError, match=r"^--set optim\.lrr=1: unknown key optim\.'lrr' \(did you mean"):
+        load_recipe(recipe, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match=r"^--set method_args\.views=\{scale: \[0\.9, 0\.1\]\}: method_args\.views\.scale="):
+        load_recipe(recipe, ["method_args.views={scale: [0.9, 0.1]}"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(recipe.read_text().replace("temperature: ", "temperature: -", 1))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: method_args\.temperature=-"):
+        load_recipe(bad, ["optim.lr=0.1"])  # an override of another key does not take the blame

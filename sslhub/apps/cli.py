@@ -35,7 +35,7 @@ def _train(args: argparse.Namespace) -> dict:
 
     recipe = load_recipe(args.recipe, args.set)
     out = args.out or str(Path("runs") / Path(args.recipe).stem)
-    return train(recipe, out, resume=args.resume, progress=not args.no_progress)
+    return train(recipe, out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
 
 
 def _push(args: argparse.Namespace) -> dict:
@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe key, e.g. --set optim.lr=0.1 (repeatable)")
     t.add_argument("--out", help="run folder (default: runs/<recipe name>)")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (without it, an existing run is never overwritten)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=_train)
 

@@ -160,20 +160,35 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
 
 
 def recipe_from_dict(raw: dict, where: str = "recipe", overrides: list[str] | None = None) -> Recipe:
+    """Type-check ``raw`` (+ ``--set`` overrides); an error about an overridden key names ``--set``, not the file."""
     raw = copy.deepcopy(raw or {})
-    for key, value in parse_overrides(overrides):
+    given = parse_overrides(overrides)
+    for key, value in given:
         _set_dotted(raw, key, value, where)
-    if "method" not in raw:
-        raise ConfigError(f"{where}: missing required key 'method' (one of `sslhub methods`)")
     try:
-        method_cls = get_method(raw["method"])
-    except KeyError as e:
-        raise ConfigError(f"{where}: method: {e.args[0]}") from None
-    method_args = raw.pop("method_args", None) or {}
-    recipe = from_dict(Recipe, raw, where)
-    recipe.method_args = from_dict(method_cls.Config, method_args, where, prefix="method_args.")
+        if "method" not in raw:
+            raise ConfigError(f"{where}: missing required key 'method' (one of `sslhub methods`)", "method", where)
+        try:
+            method_cls = get_method(raw["method"])
+        except KeyError as e:
+            raise ConfigError(f"{where}: method: {e.args[0]}", "method", where) from None
+        method_args = raw.pop("method_args", None) or {}
+        recipe = from_dict(Recipe, raw, where)
+        recipe.method_args = from_dict(method_cls.Config, method_args, where, prefix="method_args.")
+    except ConfigError as e:
+        raise _blame_override(e, overrides or [], [k for k, _ in given]) from None
     recipe.source = where
     return recipe
+
+
+def _blame_override(e: ConfigError, items: list[str], keys: list[str]) -> ConfigError:
+    """The same error, naming the ``--set`` that gave the key when one did (the last one wins, as applied)."""
+    if e.key is None or e.where is None or not str(e).startswith(f"{e.where}: "):
+        return e
+    for item, key in reversed(list(zip(items, keys))):
+        if e.key == key or e.key.startswith((f"{key}.", f"{key}[")):
+            return ConfigError(f"--set {item.strip()}: {str(e)[len(e.where) + 2:]}", e.key, f"--set {item}")
+    return e
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

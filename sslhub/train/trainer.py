@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -105,8 +106,10 @@ def pick_captions(texts: list[list[str]], idx: torch.Tensor, rng: torch.Generato
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: bool = True):
+    def __init__(self, recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: bool = True,
+                 overwrite: bool = False):
         self.recipe, self.out, self.resume, self.progress = recipe, Path(out_dir), resume, progress
+        self.overwrite = overwrite
         if recipe.train.threads:
             torch.set_num_threads(recipe.train.threads)
         self.device = pick_device(recipe.train.device)
@@ -158,11 +161,14 @@ class Trainer:
         r, tc = self.recipe, self.recipe.train
         if r.data.batch_size % self.world:
             raise SslhubError(f"data.batch_size={r.data.batch_size} is not divisible by {self.world} processes")
-        if D.is_main():
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / formats.RUN_RECIPE).write_text(json.dumps(r.to_dict(), indent=1))
+        self.check_run_folder()
         self.method = self.build_method()  # before the data: a model that cannot be built fails at once
         self.data = self.load_data()
+        if D.is_main():  # nothing is written into the run folder before the recipe and the data are read
+            if self.overwrite and not self.resume:
+                self.clear_run_folder()
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / formats.RUN_RECIPE).write_text(json.dumps(r.to_dict(), indent=1))
         self.step_batch = r.data.batch_size * tc.accumulate  # images per optimiser step, all processes
         self.plan = BatchPlan(len(self.data), self.step_batch, r.seed, self.rank, self.world)
         spe = self.plan.steps_per_epoch
@@ -177,6 +183,25 @@ class Trainer:
         lr = scaled_lr(r.optim, self.step_batch)
         self.optimizers = {k: build_optimizer(ps, r.optim, lr) for k, ps in self.groups.items()}
         self.lrs = cosine_schedule(lr, lr * r.optim.min_lr_ratio, self.total, int(r.optim.warmup_epochs * spe))
+
+    RUN_FILES = (formats.RUN_RECIPE, "checkpoints", formats.RUN_EXPORT, formats.RUN_METRICS_CSV,
+                 formats.RUN_METRICS_JSON, formats.RUN_CURVES, formats.RUN_TENSORBOARD)
+
+    def check_run_folder(self) -> None:
+        """A folder that holds a run is continued (``--resume``) or replaced (``--overwrite``), never silently."""
+        held = [name for name in self.RUN_FILES if (self.out / name).exists()]
+        if held and not (self.resume or self.overwrite):
+            raise SslhubError(f"{self.out} already holds a run ({', '.join(held)}): pass --resume to continue it, "
+                              "--overwrite to replace it, or give another --out")
+
+    def clear_run_folder(self) -> None:
+        """--overwrite: the earlier run's files go, so no old checkpoint can be resumed under the new recipe."""
+        for name in self.RUN_FILES:
+            path = self.out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
 
     def restore(self) -> None:
         if D.is_main() and self.ckpt_path.parent.is_dir():  # temp files of a write that was cut short
@@ -331,9 +356,12 @@ class Trainer:
         return out
 
 
-def train(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train ``recipe``; returns the evaluation metrics and the export folder (on rank 0)."""
-    return Trainer(recipe, out_dir, resume, progress).fit()
+def train(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: bool = True,
+          overwrite: bool = False) -> dict[str, Any]:
+    """Train ``recipe``; returns the evaluation metrics and the export folder (on rank 0).
+
+    A run folder that already holds a run needs ``resume`` (continue it) or ``overwrite`` (replace it)."""
+    return Trainer(recipe, out_dir, resume, progress, overwrite).fit()
 
 
 __all__ = ["Trainer", "train", "NonFiniteLoss", "accumulate_gradients", "apply_update"]
