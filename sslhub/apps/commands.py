@@ -5,12 +5,14 @@ Each function takes the parsed arguments and returns the JSON-able result the CL
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from sslhub.data.sources import open_source
 from sslhub.errors import InputError
 from sslhub.eval import protocols
 from sslhub.eval.finetune import finetune
+from sslhub.eval.labels import match_labels
 from sslhub.eval.linear import linear_probe, low_shot
 from sslhub.inference.load import load_encoder
 from sslhub.inference.retrieval import build_index, load_index
@@ -29,15 +31,17 @@ def eval_linear(args: argparse.Namespace) -> dict:
     enc = load_encoder(args.model)
     train = protocols.decode(enc, args.train, args.train_split, args.workers, "train")
     test = protocols.decode(enc, args.test, args.test_split, args.workers, "test")
-    ftr, fte = protocols.features(enc, train), protocols.features(enc, test)
-    out = {"model": args.model, "train": args.train, "test": args.test,
-           "linear": linear_probe(ftr, train.labels, fte, test.labels)}
+    labels, keep, info = match_labels(train.classes, test.classes, test.labels, f"test data {args.test}")
+    ftr, fte = protocols.features(enc, train), protocols.features(enc, test)[keep]
+    out = {"model": args.model, "train": args.train, "test": args.test, **info,
+           "linear": linear_probe(ftr, train.labels, fte, labels)}
     if args.low_shot:
-        out["low_shot"] = low_shot(ftr, train.labels, fte, test.labels, fractions=tuple(args.low_shot))
+        out["low_shot"] = low_shot(ftr, train.labels, fte, labels, fractions=tuple(args.low_shot))
     if args.finetune_epochs:
         if enc.kind != "sslhub":
             raise InputError("--finetune-epochs needs an sslhub export (its backbone is trained in place)")
-        out["finetune"] = finetune(enc.model, train, test, epochs=args.finetune_epochs, lr=args.finetune_lr,
+        matched = dataclasses.replace(test, images=test.images[keep], labels=labels)  # classes matched by name
+        out["finetune"] = finetune(enc.model, train, matched, epochs=args.finetune_epochs, lr=args.finetune_lr,
                                    layer_decay=args.layer_decay)
     return out
 

@@ -119,6 +119,21 @@ def _shards_from_folder(folder: Path, split: str) -> tuple[list[Path], Optional[
     return (of_split or shards), None
 
 
+def has_split(spec: str | Path, split: str) -> bool:
+    """Whether ``spec`` is a shards folder that holds a ``split`` of its own (listed in its ``dataset.json``,
+    or shards named ``{split}-*``); an ImageFolder or a flat folder has no splits."""
+    p = Path(str(spec))
+    if not p.is_dir():
+        return False
+    meta_file = p / formats.DATASET_JSON
+    if meta_file.is_file():
+        try:
+            return split in json.loads(meta_file.read_text()).get("splits", {})
+        except ValueError:
+            return False
+    return any(_is_shard(c) and c.name.startswith(f"{split}-") for c in p.iterdir())
+
+
 def _classes_from_json(folder: Path) -> Optional[list[str]]:
     meta = folder / formats.DATASET_JSON
     if meta.is_file():

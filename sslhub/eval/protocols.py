@@ -14,6 +14,7 @@ from sslhub.data.images import DecodedImages, decode_all
 from sslhub.data.sources import DataError, open_source
 from sslhub.errors import InputError
 from sslhub.eval.knn import knn_eval
+from sslhub.eval.labels import match_labels
 from sslhub.eval.metrics import image_text_retrieval
 from sslhub.inference.zeroshot import ZeroShotClassifier, check_labels
 
@@ -42,9 +43,10 @@ def knn(enc, bank: str, bank_split: str, test: str, test_split: str, ks: Sequenc
     """
     b = bank_data if bank_data is not None else decode(enc, bank, bank_split, workers, "bank", progress)
     t = test_data if test_data is not None else decode(enc, test, test_split, workers, "test", progress)
-    res = knn_eval(features(enc, b, progress), b.labels, features(enc, t, progress), t.labels, ks=tuple(ks),
+    labels, keep, info = match_labels(b.classes, t.classes, t.labels, f"k-NN queries {test}")
+    res = knn_eval(features(enc, b, progress), b.labels, features(enc, t, progress)[keep], labels, ks=tuple(ks),
                    temperature=temperature)
-    return {**res, "bank": bank, "test": test}
+    return {**res, **info, "bank": bank, "test": test}
 
 
 def read_templates(templates: str | Sequence[str]) -> str | list[str]:
@@ -65,10 +67,11 @@ def zeroshot(enc, data: str, split: str = "test", templates: str | Sequence[str]
     if not names:
         raise InputError(f"{data}: no class names found (no dataset.json 'classes', not an ImageFolder): "
                          "give the class names explicitly")
+    labels, keep, info = match_labels(names, test.classes, test.labels, f"zero-shot data {data}")
     clf = ZeroShotClassifier(enc, names, templates=read_templates(templates), progress=progress)
-    metrics = clf.evaluate(test.images, test.labels, batch_size=256, progress=progress)
+    metrics = clf.evaluate(test.images[keep], labels, batch_size=256, progress=progress)
     return {"data": data, "split": split, "classes": len(names), "templates": len(clf.templates),
-            "template_set": templates if isinstance(templates, str) else "custom", **metrics,
+            "template_set": templates if isinstance(templates, str) else "custom", **metrics, **info,
             "prompt_check": check_labels(enc, names, clf.templates, weights=clf.weights)}
 
 

@@ -80,7 +80,9 @@ class TrainConfig:
 @dataclass
 class KnnEval:
     train: str = ""  # bank (labelled); empty → the training data
-    test: str = ""  # queries (labelled); empty → skip k-NN
+    # queries (labelled): "auto" → the training data's own test_split when it has one (a shards folder whose
+    # dataset.json lists it), else k-NN is skipped with a note — never another data set; "" → skip; else a path
+    test: str = "auto"
     train_split: str = "train"
     test_split: str = "test"
     k: tuple[int, ...] = (20, 200)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 import sslhub.distributed as D
 from sslhub import formats
 from sslhub.data.images import BatchPlan, DecodedImages, decode_all
-from sslhub.data.sources import open_source, with_captions
+from sslhub.data.sources import has_split, open_source, with_captions
 from sslhub.errors import SslhubError
 from sslhub.eval import protocols
 from sslhub.inference.load import load_encoder
@@ -313,12 +313,24 @@ class Trainer:
                             "fix the eval.* settings and evaluate it with `sslhub eval`)") if failed else None
         return {"export": str(export), "steps": self.total, **figures}, error
 
-    def decode_test(self) -> DecodedImages | None:
-        """The k-NN queries (``eval.knn.test``), decoded once at the encoder's size, or None."""
+    def knn_test(self) -> str:
+        """The k-NN queries: ``eval.knn.test``, with ``auto`` resolved to the training data's own held-out split
+        ("" when it has none: k-NN is then skipped, never run on another data set)."""
         r, kc = self.recipe, self.recipe.eval.knn
-        if not kc.test:
+        if kc.test != "auto":
+            return kc.test
+        if has_split(r.data.train, kc.test_split):
+            return r.data.train
+        log.warning("eval.knn.test=auto: %s has no %r split of its own, so no k-NN figure is measured (set "
+                    "eval.knn.test to a labelled held-out set of the same classes)", r.data.train, kc.test_split)
+        return ""
+
+    def decode_test(self) -> DecodedImages | None:
+        """The k-NN queries, decoded once at the encoder's size, or None."""
+        r, test = self.recipe, self.knn_test()
+        if not test:
             return None
-        return decode_all(open_source(kc.test, kc.test_split), r.encoder.image_size, r.data.num_workers,
+        return decode_all(open_source(test, r.eval.knn.test_split), r.encoder.image_size, r.data.num_workers,
                           progress=self.progress, desc="decoding test")
 
     def pretext(self, test: DecodedImages | None) -> dict[str, Any]:
@@ -332,14 +344,15 @@ class Trainer:
     def evaluate_export(self, folder: Path, test: DecodedImages | None) -> dict[str, Any]:
         """k-NN, zero-shot and retrieval through the inference layer, on the folder as a user loads it."""
         r, ev, kc, out = self.recipe, self.recipe.eval, self.recipe.eval.knn, {}
-        if not (kc.test or ev.zeroshot or ev.retrieval.data):
+        knn_test = self.knn_test()
+        if not (knn_test or ev.zeroshot or ev.retrieval.data):
             return out
         enc = load_encoder(folder, device=self.device)
         workers = r.data.num_workers
-        if kc.test:
+        if knn_test:
             same_size = protocols.decode_size(enc) == r.encoder.image_size  # else decoded at the export's size
             same_bank = kc.train in ("", r.data.train) and kc.train_split == r.data.split
-            out["knn"] = protocols.knn(enc, kc.train or r.data.train, kc.train_split, kc.test, kc.test_split, kc.k,
+            out["knn"] = protocols.knn(enc, kc.train or r.data.train, kc.train_split, knn_test, kc.test_split, kc.k,
                                        kc.temperature, workers, self.progress,
                                        bank_data=self.data if same_bank and same_size else None,
                                        test_data=test if same_size else None)
