@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -383,3 +384,41 @@ def test_token_is_never_printed_logged_or_pushed(hub, timm_folder, monkeypatch, 
         pushed = hub.files(repo, branch)
         assert "README.md" in pushed and all(secret.encode() not in data for data in pushed.values())
     assert all(secret.encode() not in p.read_bytes() for p in folder.rglob("*") if p.is_file())
+
+
+def test_push_to_a_server_that_never_answers_fails_in_bounded_time(hub, tmp_path, sslhub_export, monkeypatch):
+    """A loopback socket that accepts connections and never answers: the push fails within the read timeout
+    with a message naming the endpoint (before, it waited forever in create_repo)."""
+    import socket
+    import threading
+    import time
+
+    from sslhub.inference.loaders import hub as network
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held, stop = [], threading.Event()
+
+    def accept():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])  # accepted, never read from or answered
+            except OSError:
+                pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    monkeypatch.setattr(network, "READ_TIMEOUT_S", 2.0)
+    try:
+        with client_env(HF_ENDPOINT=url):
+            t0 = time.monotonic()
+            with pytest.raises(PushError, match=rf"{re.escape(url)} did not answer in time .*each read 2 s"):
+                push_to_hub(sslhub_export, f"{USER}/black-hole")
+            assert time.monotonic() - t0 < 20
+    finally:
+        stop.set()
+        for s in held:
+            s.close()
+        listener.close()

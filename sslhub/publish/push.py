@@ -27,6 +27,7 @@ from pathlib import Path
 
 from sslhub import formats
 from sslhub.errors import SslhubError
+from sslhub.inference.loaders import hub as network
 from sslhub.inference.loaders import layout
 from sslhub.inference.loaders.base import Encoder, LoadError, read_json
 from sslhub.publish.card import render_card
@@ -213,11 +214,12 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revi
              folder, repo_id, branch, constants.ENDPOINT)
     api = HfApi(token=token)
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if branch != "main":
-            api.create_branch(repo_id, branch=branch, exist_ok=True)
-        return api.create_commit(repo_id, operations=operations, revision=branch,
-                                 commit_message=commit_message or f"Upload {encoder.kind} encoder with sslhub")
+        with network.bounded_http():
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if branch != "main":
+                api.create_branch(repo_id, branch=branch, exist_ok=True)
+            return api.create_commit(repo_id, operations=operations, revision=branch,
+                                     commit_message=commit_message or f"Upload {encoder.kind} encoder with sslhub")
     except HfHubHTTPError as e:
         status = e.response.status_code
         said = e.server_message or (str(e).strip().splitlines() or [""])[0]
@@ -227,6 +229,10 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revi
                             ) from None
         raise PushError(f"{repo_id}: the push to {constants.ENDPOINT} failed ({status}: {said})") from None
     except Exception as e:
+        if "Timeout" in type(e).__name__:
+            raise PushError(f"{repo_id}: {constants.ENDPOINT} did not answer in time ({type(e).__name__}; each "
+                            f"connect waits {network.CONNECT_TIMEOUT_S:g} s, each read {network.READ_TIMEOUT_S:g} s): check "
+                            "HF_ENDPOINT and the network, then push again (nothing is half-committed)") from None
         if isinstance(e, ConnectionError) or type(e).__module__.startswith(("httpx", "requests")):
             raise PushError(f"{repo_id}: {constants.ENDPOINT} could not be reached ({type(e).__name__}: "
                             f"{(str(e).strip().splitlines() or [''])[0]}); check HF_ENDPOINT, HF_HUB_OFFLINE "

@@ -25,6 +25,35 @@ ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "
                   "tokenizer*", "vocab*", "merges*", "spiece*"]
 
 
+# Every request huggingface_hub sends while sslhub pushes or pulls has bounded waits (its own client has none:
+# a server that accepts the connection and never answers would hold the call forever). Per socket operation,
+# so a slow upload that keeps moving is not cut: connect, each read, each write, a free connection.
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 60.0  # the longest wait for any part of an answer (a large commit is processed before it)
+WRITE_TIMEOUT_S = 60.0
+
+
+@contextlib.contextmanager
+def bounded_http() -> Iterator[float]:
+    """huggingface_hub's shared HTTP client with bounded timeouts, for the duration of the block.
+
+    Yields the read timeout (for messages). Not thread-safe: the client factory is huggingface_hub's global.
+    """
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils._http import default_client_factory
+
+    def factory():
+        client = default_client_factory()
+        client.timeout = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S, WRITE_TIMEOUT_S, CONNECT_TIMEOUT_S)  # + pool
+        return client
+
+    set_client_factory(factory)
+    try:
+        yield READ_TIMEOUT_S
+    finally:
+        set_client_factory(default_client_factory)
+
+
 def parse_hub_id(spec: str, name: str = "") -> tuple[str, str | None]:
     """``"ORG/NAME@REV"`` → ``("ORG/NAME", "REV")``; ``"ORG/NAME"`` → ``("ORG/NAME", None)``."""
     from huggingface_hub.errors import HFValidationError
@@ -138,7 +167,7 @@ def fetch_snapshot(spec: str, name: str) -> Path:
     repo, revision = parse_hub_id(spec, name)
     requested, net = revision, None
     try:
-        with network_guard() as net:
+        with network_guard() as net, bounded_http():
             if not constants.is_offline_mode():
                 info = HfApi().model_info(repo, revision=revision, timeout=ETAG_TIMEOUT_S)
                 files = [s.rfilename for s in info.siblings or []]
