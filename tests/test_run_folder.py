@@ -59,3 +59,17 @@ def test_bad_data_leaves_the_run_folder_untouched(tmp_path, capsys):
 def test_an_empty_folder_is_not_a_run(tmp_path):
     (tmp_path / "empty").mkdir()
     assert train(tmp_path / "empty", "--set", "train.max_steps=1") == 0
+
+
+def test_resume_with_another_recipe_names_the_changed_keys(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(run, "--set", "train.max_steps=2") == 0
+    capsys.readouterr()
+    assert train(run, "--resume", "--set", "train.max_steps=2", "--set", "optim.lr=0.5",
+                 "--set", "encoder.model_args.channels=[8,16,32,64]") == 2
+    err = capsys.readouterr().err
+    assert "was written by a run with another recipe" in err and "optim.lr: " in err and "→ 0.5" in err
+    assert "encoder.model_args.channels" in err and "Traceback" not in err
+    # its length, logging and evaluation may change: training continues from step 2 to 3
+    assert train(run, "--resume", "--set", "train.max_steps=3", "--set", "train.log_every=2") == 0
+    assert json.loads((run / "export" / "config.json").read_text())["sslhub"]["steps"] == 3

@@ -73,3 +73,18 @@ def load_state(path: str | Path) -> dict:
     if formats.CHECKPOINT_META_KEY not in meta:
         raise CheckpointError(f"{path}: a safetensors file, but not an sslhub training checkpoint")
     return _unflatten(json.loads(meta[formats.CHECKPOINT_META_KEY]), tensors)
+
+
+def read_info(path: str | Path) -> dict:
+    """The plain (non-tensor) top-level entries of a checkpoint (``step``, ``elapsed``, ``recipe``), read from
+    its header alone: no tensor is loaded."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable sslhub checkpoint ({e})") from None
+    if formats.CHECKPOINT_META_KEY not in meta:
+        raise CheckpointError(f"{path}: a safetensors file, but not an sslhub training checkpoint")
+    structure = json.loads(meta[formats.CHECKPOINT_META_KEY])
+    return {k: v for k, v in structure.get("__dict__", []) if not isinstance(v, dict)}

@@ -40,7 +40,7 @@ from sslhub.inference.load import load_encoder
 from sslhub.methods.base import Batch, Method
 from sslhub.methods.registry import get_method
 from sslhub.schedules import cosine_schedule
-from sslhub.train.checkpoint import load_state, save_state
+from sslhub.train.checkpoint import load_state, read_info, save_state
 from sslhub.train.metrics_log import MetricsLog, plot_curves
 from sslhub.train.optim import build_optimizer, scaled_lr
 from sslhub.train.recipe import Recipe
@@ -97,6 +97,14 @@ def apply_update(method: Method, optimizers: dict[str, torch.optim.Optimizer], p
         opt.step()
         opt.zero_grad(set_to_none=True)
     method.on_step_end(step, max_steps)
+
+
+def recipe_changes(old: Any, new: Any, key: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old, new)`` for every leaf value that differs between two recipe dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in dict.fromkeys([*old, *new])
+                for c in recipe_changes(old.get(k), new.get(k), f"{key}.{k}" if key else k)]
+    return [] if old == new else [(key, old, new)]
 
 
 def pick_captions(texts: list[list[str]], idx: torch.Tensor, rng: torch.Generator) -> list[str]:
@@ -187,12 +195,26 @@ class Trainer:
     RUN_FILES = (formats.RUN_RECIPE, "checkpoints", formats.RUN_EXPORT, formats.RUN_METRICS_CSV,
                  formats.RUN_METRICS_JSON, formats.RUN_CURVES, formats.RUN_TENSORBOARD)
 
+    # recipe keys that may change when a run is resumed: how long, how often to log or save, evaluation, threads
+    RESUMABLE = ("train.epochs", "train.max_steps", "train.log_every", "train.ckpt_every", "train.threads",
+                 "train.device", "data.num_workers", "eval.")
+
     def check_run_folder(self) -> None:
-        """A folder that holds a run is continued (``--resume``) or replaced (``--overwrite``), never silently."""
+        """A folder that holds a run is continued (``--resume``, with the recipe it was started with) or replaced
+        (``--overwrite``), never silently; checked before any data is read."""
         held = [name for name in self.RUN_FILES if (self.out / name).exists()]
         if held and not (self.resume or self.overwrite):
             raise SslhubError(f"{self.out} already holds a run ({', '.join(held)}): pass --resume to continue it, "
                               "--overwrite to replace it, or give another --out")
+        if self.resume and self.ckpt_path.is_file():
+            saved = json.loads(read_info(self.ckpt_path).get("recipe") or "{}")
+            changed = [f"{k}: {a!r} → {b!r}" for k, a, b in recipe_changes(saved, self.recipe.to_dict())
+                       if not k.startswith(self.RESUMABLE)]
+            if changed:
+                raise SslhubError(f"{self.ckpt_path} was written by a run with another recipe ({'; '.join(changed[:6])}"
+                                  f"{' …' if len(changed) > 6 else ''}): --resume continues a run with its own recipe "
+                                  "(only its length, logging, checkpointing and evaluation may change); start a new "
+                                  "run with --overwrite or another --out")
 
     def clear_run_folder(self) -> None:
         """--overwrite: the earlier run's files go, so no old checkpoint can be resumed under the new recipe."""
