@@ -10,27 +10,8 @@ Each query votes with its k most cosine-similar bank features, each vote weighte
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from tqdm.auto import tqdm
 
-from sslhub.data.augment import eval_transform
 from sslhub.errors import InputError
-
-
-@torch.no_grad()
-def extract_features(backbone: nn.Module, images: torch.Tensor, batch_size: int = 256,
-                     device: torch.device | str = "cpu", progress: bool = False, desc: str = "features") -> torch.Tensor:
-    """uint8 ``(N, 3, S, S)`` → L2-normalised features ``(N, D)`` (float32, on CPU)."""
-    cfg = backbone.cfg
-    was_training = backbone.training
-    backbone.eval()
-    feats = []
-    for i in tqdm(range(0, images.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
-        x = eval_transform(images[i : i + batch_size].to(device), cfg.image_size, cfg.mean, cfg.std)
-        feats.append(F.normalize(backbone(x).float(), dim=1).cpu())
-    backbone.train(was_training)
-    return torch.cat(feats)
 
 
 def weighted_knn(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, k: int,
