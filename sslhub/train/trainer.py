@@ -172,6 +172,7 @@ class Trainer:
         self.check_run_folder()
         self.method = self.build_method()  # before the data: a model that cannot be built fails at once
         self.data = self.load_data()
+        D.barrier()  # every process has checked the run folder before the first process writes into it
         if D.is_main():  # nothing is written into the run folder before the recipe and the data are read
             if self.overwrite and not self.resume:
                 self.clear_run_folder()
