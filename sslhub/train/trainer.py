@@ -311,8 +311,9 @@ class Trainer:
         data the export is still written and the error is returned with what was written."""
         self.method.eval()
         failed: list[SslhubError] = []
+        knn_test = self.knn_test()  # resolved once: an `auto` without a split is said once
         try:
-            test = self.decode_test()
+            test = self.decode_test(knn_test)
         except SslhubError as e:
             failed.append(e)
             test = None
@@ -325,7 +326,7 @@ class Trainer:
         def evaluate(folder: Path) -> dict[str, Any]:
             if not failed:
                 try:
-                    figures.update(self.evaluate_export(folder, test))
+                    figures.update(self.evaluate_export(folder, test, knn_test))
                 except SslhubError as e:
                     failed.append(e)
             return figures
@@ -348,9 +349,9 @@ class Trainer:
                     "eval.knn.test to a labelled held-out set of the same classes)", r.data.train, kc.test_split)
         return ""
 
-    def decode_test(self) -> DecodedImages | None:
-        """The k-NN queries, decoded once at the encoder's size, or None."""
-        r, test = self.recipe, self.knn_test()
+    def decode_test(self, test: str) -> DecodedImages | None:
+        """The k-NN queries ``test`` (from ``knn_test``), decoded once at the encoder's size, or None."""
+        r = self.recipe
         if not test:
             return None
         return decode_all(open_source(test, r.eval.knn.test_split), r.encoder.image_size, r.data.num_workers,
@@ -364,10 +365,9 @@ class Trainer:
             res = self.method.evaluate(test.images, test.labels)
         return {"pretext": res} if res else {}
 
-    def evaluate_export(self, folder: Path, test: DecodedImages | None) -> dict[str, Any]:
+    def evaluate_export(self, folder: Path, test: DecodedImages | None, knn_test: str) -> dict[str, Any]:
         """k-NN, zero-shot and retrieval through the inference layer, on the folder as a user loads it."""
         r, ev, kc, out = self.recipe, self.recipe.eval, self.recipe.eval.knn, {}
-        knn_test = self.knn_test()
         if not (knn_test or ev.zeroshot or ev.retrieval.data):
             return out
         enc = load_encoder(folder, device=self.device)

@@ -34,10 +34,10 @@ WRITE_TIMEOUT_S = 60.0
 
 
 @contextlib.contextmanager
-def bounded_http() -> Iterator[float]:
+def bounded_http() -> Iterator[None]:
     """huggingface_hub's shared HTTP client with bounded timeouts, for the duration of the block.
 
-    Yields the read timeout (for messages). Not thread-safe: the client factory is huggingface_hub's global.
+    Not thread-safe: the client factory is huggingface_hub's global.
     """
     from huggingface_hub import set_client_factory
     from huggingface_hub.utils._http import default_client_factory
@@ -49,7 +49,7 @@ def bounded_http() -> Iterator[float]:
 
     set_client_factory(factory)
     try:
-        yield READ_TIMEOUT_S
+        yield
     finally:
         set_client_factory(default_client_factory)
 
