@@ -7,13 +7,16 @@
 A folder is swapped with Linux ``renameat2(RENAME_EXCHANGE)`` in one step where the kernel has it; elsewhere
 two renames leave ``folder`` absent for an instant (never half-written). Every file of a new folder is on
 disk (fsync) before the swap. Used for checkpoints, exports, indexes and caches.
+
+The new file or folder gets the permissions a plain ``open(path, "w")`` or ``mkdir`` would give it
+(0644 / 0755 under umask 022): an export or index is readable by whoever may read its parent folder.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -22,8 +25,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then move the result over ``path`` in one ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = str(_new_sibling(path, ".tmp", _create_file))
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -43,7 +45,7 @@ def replace_folder(final: str | Path, build: Callable[[Path], None]) -> Path:
     """Build a folder next to ``final`` with ``build(tmp)`` and swap it in; returns ``final``."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = _new_sibling(final, "", os.mkdir)
     try:
         build(tmp)
         for f in tmp.rglob("*"):  # on disk before the swap
@@ -54,6 +56,28 @@ def replace_folder(final: str | Path, build: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed build, or the old folder after the swap
     return final
+
+
+def _create_file(path: Path) -> None:
+    """An empty new file (``FileExistsError`` if taken), mode 0o666 less the umask, as ``open(path, "w")`` gives."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def _new_sibling(path: Path, suffix: str, create: Callable[[Path], None]) -> Path:
+    """Create a hidden ``.NAME.<random><suffix>`` next to ``path`` with ``create`` and return it.
+
+    ``create`` (``_create_file``, ``os.mkdir``) raises ``FileExistsError`` when the name is taken and
+    lets the umask set the mode; ``tempfile``'s mkstemp/mkdtemp would give 0600/0700, leaving every
+    export and index unreadable to other users.
+    """
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{suffix}")
+        try:
+            create(tmp)
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name next to {path}")
 
 
 def _swap_in(new: Path, dest: Path) -> None:
