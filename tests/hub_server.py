@@ -12,8 +12,15 @@ of the Hub API that huggingface_hub 2.4.0 calls for ``create_repo``, ``create_br
     GET      /api/models/{repo}[/revision/{rev}]    id, sha, private, siblings (with size and blobId)
     GET      /api/models/{repo}/tree/{rev}[/{dir}]  files and folders, ``?recursive=``
     POST     /api/models/{repo}/branch/{branch}     409 if it exists; ``startingPoint`` or main's head
-    POST     /api/models/{repo}/preupload/{rev}     every file "regular": its bytes come inline in the commit
-    POST     /api/models/{repo}/commit/{rev}        ndjson: header, file (base64), deletedFile, deletedFolder
+    POST     /api/models/{repo}/preupload/{rev}     "lfs" for *.safetensors, *.bin and files of 10 MB or more,
+                                                    as the Hub answers; else "regular": the bytes come inline
+                                                    in the commit
+    POST     /{repo}.git/info/lfs/objects/batch     git-LFS batch API, basic transfer: an upload href (one use)
+                                                    and a verify href per object it lacks, no actions otherwise
+    PUT      /lfs-upload/{ticket}                   the object's bytes, streamed to disk, sha256 and size checked
+    POST     /{repo}.git/info/lfs/objects/verify    200 if the object is stored with that size
+    POST     /api/models/{repo}/commit/{rev}        ndjson: header, file (base64), lfsFile (an uploaded object),
+                                                    deletedFile, deletedFolder
     HEAD/GET /{repo}/resolve/{rev}/{path}           X-Repo-Commit, ETag (git blob sha1), Content-Length;
                                                     ``Range: bytes=a-[b]`` answers 206 (download resume)
 
@@ -24,9 +31,15 @@ invalid token 401 "Invalid credentials in Authorization header", an unknown revi
 ``RevisionNotFound`` / ``EntryNotFound`` (and ``X-Repo-Commit``), a write outside the token's namespace
 403, a path with a ``..`` segment (or absolute, or with a backslash) 400.
 
-Storage: ``ROOT/blobs/<git sha1>`` holds file contents once; ``ROOT/repos/ORG/NAME.json`` holds the repo's
-visibility, its branches and every commit as a full snapshot (``{path: blob sha1}``), so any older commit
-stays downloadable. Access: ``tokens`` maps a token to a user name; a user writes to its own namespace.
+Storage: ``ROOT/blobs/<git sha1>`` holds file contents once (a committed LFS object too: downloads serve
+every file alike, with its git sha1 as ETag); ``ROOT/lfs/ORG/NAME/<sha256>`` holds the LFS objects uploaded
+to a repo; ``ROOT/repos/ORG/NAME.json`` holds the repo's visibility, its branches and every commit as a
+full snapshot (``{path: blob sha1}``), so any older commit stays downloadable. Access: ``tokens`` maps a
+token to a user name; a user writes to its own namespace. An LFS upload href needs no token (like the
+Hub's pre-signed storage URLs): its one-use ticket is the credential.
+
+Push switch: ``lfs = False`` makes preupload answer "regular" for every file, as a server without LFS
+would: the weights then travel base64-encoded inside the commit request.
 
 Fault switch: ``break_downloads(repo_id, path, times)`` makes the next ``times`` GETs of that file stop
 at the file's midpoint and drop the connection after announcing the full Content-Length, as a network
@@ -49,6 +62,7 @@ import importlib
 import json
 import os
 import re
+import secrets
 import socket
 import threading
 import time
@@ -62,6 +76,8 @@ from fastapi.responses import JSONResponse, Response
 
 SHA = re.compile(r"^[0-9a-f]{40}$")
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+LFS_SUFFIXES = (".safetensors", ".bin")  # the patterns of GITATTRIBUTES
+LFS_MIN_SIZE = 10_000_000  # the Hub stores any file of 10 MB or more in LFS
 
 
 class HubError(Exception):
@@ -92,6 +108,7 @@ class HubStore:
     def __init__(self, root: Path):
         self.root = Path(root)
         (self.root / "blobs").mkdir(parents=True, exist_ok=True)
+        (self.root / "lfs").mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
 
     def _file(self, repo_id: str) -> Path:
@@ -126,6 +143,16 @@ class HubStore:
 
     def blob(self, blob_id: str) -> bytes:
         return (self.root / "blobs" / blob_id).read_bytes()
+
+    def lfs_object(self, repo_id: str, oid: str) -> Path:
+        """Where ``repo_id``'s LFS object ``oid`` is stored (a repo sees only the objects pushed to it)."""
+        if not re.fullmatch(r"[0-9a-f]{64}", oid):
+            raise HubError(400, f"an LFS oid is a sha256 in hex, not {oid!r}")
+        return self.root / "lfs" / repo_id / oid
+
+    def has_lfs(self, repo_id: str, oid: str, size: int) -> bool:
+        path = self.lfs_object(repo_id, oid)
+        return path.is_file() and path.stat().st_size == size
 
     def commit(self, repo_id: str, branch: str, changes: dict[str, bytes | None], summary: str,
                parent: str | None = None, check_paths: bool = True) -> str:
@@ -186,6 +213,8 @@ class HubServer:
         self.tokens = dict(tokens)  # token → user name
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header), in order
         self._broken: dict[tuple[str, str], int] = {}  # (repo_id, path) → GETs left to cut short
+        self.lfs = True  # preupload sends weights and large files through LFS, as the Hub does
+        self._tickets: dict[str, tuple[str, str, int]] = {}  # LFS upload ticket → (repo_id, oid, size)
         self._sock = _free_socket()
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -378,9 +407,58 @@ class HubServer:
                 why = unsafe_path(f["path"])
                 if why:
                     raise HubError(400, f"Invalid path {f['path']!r}: {why}")
-                out.append({"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                            "oid": manifest.get(f["path"])})
+                lfs = self.lfs and (f["path"].endswith(LFS_SUFFIXES) or f.get("size", 0) >= LFS_MIN_SIZE)
+                oid = manifest.get(f["path"])  # what the client compares with its file: sha256 for LFS, else git sha1
+                if lfs and oid:
+                    oid = hashlib.sha256(store.blob(oid)).hexdigest()
+                out.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
+                            "oid": oid})
             return JSONResponse({"files": out, "commitOid": sha})
+
+        @app.post("/{org}/{repo_git}/info/lfs/objects/{action}")
+        async def lfs_batch(request: Request, org: str, repo_git: str, action: str) -> JSONResponse:
+            name = repo_git.removesuffix(".git")
+            self._repo(request, org, name, write=True)
+            body = await request.json()
+            if action == "verify":
+                if not store.has_lfs(f"{org}/{name}", body.get("oid", ""), body.get("size", -1)):
+                    raise HubError(404, f"LFS object {body.get('oid')} of size {body.get('size')} is not stored")
+                return JSONResponse({})
+            if action != "batch" or not repo_git.endswith(".git") or body.get("operation") != "upload":
+                raise HubError(400, "only LFS uploads (batch, verify) are supported by this test Hub")
+            objects = []
+            for obj in body.get("objects", []):
+                oid, size = obj.get("oid", ""), obj.get("size")
+                if not isinstance(size, int):
+                    raise HubError(400, f"LFS objects are a sha256 oid and an integer size, not {obj}")
+                entry = {"oid": oid, "size": size, "authenticated": True}
+                if not store.has_lfs(f"{org}/{name}", oid, size):
+                    ticket = secrets.token_urlsafe(16)
+                    self._tickets[ticket] = (f"{org}/{name}", oid, size)
+                    entry["actions"] = {"upload": {"href": f"{self.url}/lfs-upload/{ticket}", "header": {}},
+                                        "verify": {"href": f"{self.url}/{org}/{name}.git/info/lfs/objects/verify",
+                                                   "header": {}}}
+                objects.append(entry)
+            return JSONResponse({"transfer": "basic", "objects": objects, "hash_algo": "sha256"})
+
+        @app.put("/lfs-upload/{ticket}")
+        async def lfs_upload(request: Request, ticket: str) -> Response:
+            if ticket not in self._tickets:
+                raise HubError(403, "unknown or used LFS upload ticket")
+            repo_id, oid, size = self._tickets[ticket]
+            target = store.lfs_object(repo_id, oid)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            digest, part = hashlib.sha256(), target.with_name(f"{ticket}.part")
+            with open(part, "wb") as f:
+                async for chunk in request.stream():
+                    digest.update(chunk)
+                    f.write(chunk)
+            if digest.hexdigest() != oid or part.stat().st_size != size:
+                part.unlink()
+                raise HubError(400, f"the bytes sent are not LFS object {oid} of size {size}")
+            os.replace(part, target)
+            del self._tickets[ticket]
+            return Response(status_code=200)
 
         @app.post("/api/models/{org}/{name}/commit/{revision}")
         async def commit(request: Request, org: str, name: str, revision: str) -> JSONResponse:
@@ -407,8 +485,13 @@ class HubServer:
                 elif key == "deletedFolder":
                     folder = value["path"].rstrip("/") + "/"
                     changes.update({p: None for p in repo["commits"][head]["files"] if p.startswith(folder)})
-                else:  # lfsFile: never asked for, since preupload answers "regular" for every file
-                    raise HubError(400, f"unsupported commit operation {key!r} (this test Hub stores files inline)")
+                elif key == "lfsFile":
+                    uploaded = store.has_lfs(f"{org}/{name}", value["oid"], value["size"])
+                    if value.get("algo") != "sha256" or not uploaded:
+                        raise HubError(400, f"{value['path']}: LFS object {value['oid']} was never uploaded")
+                    changes[value["path"]] = store.lfs_object(f"{org}/{name}", value["oid"]).read_bytes()
+                else:
+                    raise HubError(400, f"unsupported commit operation {key!r}")
             sha = store.commit(f"{org}/{name}", revision, changes, header.get("summary", ""),
                                parent=header.get("parentCommit"))
             return JSONResponse({"success": True, "commitOid": sha, "pullRequestUrl": None,

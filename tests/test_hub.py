@@ -5,7 +5,8 @@ pull starts from an empty cache. Shown here: round trips of an sslhub export, a 
 open_clip CLIP (identical weights and embeddings; plain timm and open_clip load them too), pinned
 revisions (a branch, an older commit), a second pull with the server stopped, and clear errors for a
 missing repo or revision, paths with ``..``, an interrupted download, a pickle-only repo, a private repo
-without a token — and that a token never reaches stdout, stderr, the logs or the pushed files.
+without a token — and that a token never reaches stdout, stderr, the logs or the pushed files. A push
+reports each file's bytes as they are sent, whether the weights go through LFS (as on the Hub) or inline.
 """
 from __future__ import annotations
 
@@ -63,14 +64,14 @@ def cache(hub, tmp_path) -> Iterator[Path]:
         yield tmp_path / "hf_cache"
 
 
-def make_export(folder: Path, seed: int) -> Path:
-    """A tiny sslhub export (CIFAR-stem ResNet-18, 8 channels) with seed-dependent random weights."""
+def make_export(folder: Path, seed: int, channels: tuple[int, ...] = (8, 8, 8, 8)) -> Path:
+    """A small sslhub export (CIFAR-stem ResNet-18, 8 channels by default) with seed-dependent random weights."""
     from sslhub.models.backbone import Backbone, EncoderConfig
     from sslhub.publish.export import export_encoder
 
     torch.manual_seed(seed)
     backbone = Backbone(EncoderConfig(arch="resnet18", cifar_stem=True, image_size=32,
-                                      model_args={"channels": [8, 8, 8, 8]}))
+                                      model_args={"channels": list(channels)}))
     return export_encoder(backbone, folder, {"method": "simclr", "steps": 0})
 
 
@@ -200,6 +201,54 @@ def test_plain_timm_and_open_clip_load_the_pushed_repos(hub, tmp_path, timm_fold
         assert torch.equal(out["timm"], vit.forward_head(vit.forward_features(out["x"]), pre_logits=True))
         assert torch.allclose(out["clip_image"], clip.encode_image(out["x"]), atol=1e-6)
         assert torch.allclose(out["clip_text"], clip.encode_text(tokenizer(["a photo of a cat"])), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ progress
+@pytest.fixture(scope="module")
+def larger_export(tmp_path_factory) -> Path:
+    """An export with a few MB of weights (channels 16-32-64-128: ≈ 2.8 MB)."""
+    return make_export(tmp_path_factory.mktemp("larger") / "export", seed=4, channels=(16, 32, 64, 128))
+
+
+@pytest.mark.parametrize("lfs", [True, False], ids=["weights-through-lfs", "every-file-inline"])
+def test_push_reports_the_bytes_of_each_file_as_they_are_sent(hub, larger_export, lfs):
+    """Through LFS (a PUT streamed from disk, as the Hub takes weights) and inline (base64 in the commit
+    body, as a server without LFS takes every file), each file's count grows to its size."""
+    weights = (larger_export / "model.safetensors").stat().st_size
+    assert weights > 2_000_000
+    repo, calls, again, n = f"{USER}/progress-{lfs}", [], [], len(hub.requests)
+    hub.lfs = lfs
+    try:
+        push_to_hub(larger_export, repo, progress=lambda *call: calls.append(call))
+        puts = [r for r in hub.requests[n:] if r[0] == "PUT"]
+        push_to_hub(larger_export, repo, progress=lambda *call: again.append(call))
+    finally:
+        hub.lfs = True
+    assert again == []  # unchanged files are not sent again
+    assert len(puts) == (1 if lfs else 0)  # the weights went the intended way
+    assert hub.files(repo)["model.safetensors"] == (larger_export / "model.safetensors").read_bytes()
+    sizes = {p.name: p.stat().st_size for p in larger_export.iterdir()}
+    assert {path for path, _, _ in calls} == set(sizes)
+    for path, size in sizes.items():
+        counts = [done for p, done, total in calls if p == path and total == size]
+        assert counts == sorted(set(counts)) and counts[-1] == size, (path, counts)
+    steps = [done for p, done, _ in calls if p == "model.safetensors"]
+    assert len(steps) >= 3 and steps[0] < weights // 2  # counted while it is sent, not once at the end
+
+
+def test_cli_push_shows_a_byte_bar_per_file(hub, larger_export):
+    """`sslhub push` in a fresh process (stderr not a terminal): a bar per file, its bytes, and the time."""
+    run = subprocess.run([sys.executable, "-m", "sslhub", "push", str(larger_export), f"{USER}/progress-cli"],
+                         env=os.environ, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    from tqdm import tqdm
+
+    for path in ("model.safetensors", "config.json", "README.md"):
+        size = tqdm.format_sizeof((larger_export / path).stat().st_size)
+        assert re.search(rf"{re.escape(path)}: 100%\|[^\r\n]*\| {re.escape(size)}/{re.escape(size)} ", run.stderr), \
+            (path, size, run.stderr[-3000:])
+    assert re.search(rf"pushed {USER}/progress-cli@main in [0-9.]+ s: [0-9.]+ MB sent\n", run.stderr), run.stderr
+    assert json.loads(run.stdout.splitlines()[-1])["commit"] == hub.head(f"{USER}/progress-cli")
 
 
 # ------------------------------------------------------------------------------------ revisions, cache

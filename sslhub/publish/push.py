@@ -14,15 +14,23 @@ sha256 of the files), so it states nothing that was not measured. The folder its
 Endpoint and token come from huggingface_hub's own settings (``HF_ENDPOINT``; ``HF_TOKEN`` or the token
 saved by ``hf auth login``), or ``token=``. The token is handed to ``HfApi`` only: it is never printed,
 logged or written into a file.
+
+Progress: the bytes of each file are counted as the HTTP requests send them (``UploadProgress``), into a
+byte bar per file on stderr, or into ``progress=`` when it is a callable.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import hashlib
 import json
 import logging
 import math
 import re
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from sslhub import formats
@@ -187,15 +195,149 @@ def _card_bytes(repo_id: str, folder: Path, encoder: Encoder, files: list[tuple[
     return files_card(repo_id, folder, encoder, files).encode()
 
 
+ProgressCallback = Callable[[str, int, int], None]  # (path in the repo, bytes of it sent so far, its size)
+PIECE = 1 << 20  # the commit body is handed to the socket in pieces of this many bytes, each one counted
+_PATH_IN_LINE = re.compile(rb'"path": *("(?:[^"\\]|\\.)*")')
+
+
+class UploadProgress:
+    """What a push has sent of each file, counted where the bytes leave: one byte bar per file (tqdm, on
+    stderr; from its first byte, its last line kept), and ``callback(path_in_repo, bytes_sent, size)``.
+
+    huggingface_hub sends a file in one of two ways, as the server's preupload answer says:
+    - ``lfs`` (weights and anything of 10 MB or more, on the Hub): streamed from disk into a PUT, or parts
+      of one. :func:`counted_add` makes the file object it reads count the bytes the request has taken.
+    - ``regular`` (small text files on the Hub; every file on a server without LFS): base64 inside the
+      ndjson body of the commit request. :meth:`watching` streams that body in ``PIECE``-byte pieces and
+      credits each piece to the file whose line it belongs to (scaled from base64 to file bytes).
+    Not counted: files the Hub already holds unchanged (not sent again), and uploads through Xet
+    (huggingface.co with hf_xet installed), which hf_xet reads itself: huggingface_hub's own Xet bars show those
+    (on a terminal). The push's last log line names the files not counted.
+    """
+
+    def __init__(self, sizes: dict[str, int], bars: bool = True, callback: ProgressCallback | None = None):
+        self.sizes, self.sent, self.callback, self.show = sizes, dict.fromkeys(sizes, 0), callback, bars
+        self.bars: dict[str, object] = {}  # path → its tqdm bar, while it is being sent
+        self._lock = threading.Lock()  # LFS files are uploaded from several threads
+
+    def report(self, path: str, done: int) -> None:
+        """``done`` bytes of ``path`` have been sent (a retry that sends them again does not count twice)."""
+        from tqdm.auto import tqdm
+
+        with self._lock:
+            done, size = min(done, self.sizes[path]), self.sizes[path]
+            if done <= self.sent[path]:
+                return
+            if self.show:
+                if path not in self.bars:
+                    self.bars[path] = tqdm(total=size, desc=path, unit="B", unit_scale=True, dynamic_ncols=True)
+                self.bars[path].update(done - self.sent[path])
+                if done == size:
+                    self.bars.pop(path).close()
+            self.sent[path] = done
+        if self.callback is not None:
+            self.callback(path, done, size)
+
+    def __enter__(self) -> UploadProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for bar in self.bars.values():  # files cut short by an error
+            bar.close()
+
+    @contextlib.contextmanager
+    def watching(self, session, commit_path: str) -> Iterator[None]:
+        """Count the commit request that ``session`` (huggingface_hub's httpx client) sends, for the block."""
+        saved = session.event_hooks
+        session.event_hooks = {**saved, "request": [*saved["request"], self._commit_hook(commit_path)]}
+        try:
+            yield
+        finally:
+            session.event_hooks = saved
+
+    def _commit_hook(self, commit_path: str) -> Callable:
+        """An httpx request hook that counts the body of the POST to ``commit_path`` as it is sent."""
+        import httpx2
+
+        progress = self
+
+        class CountedBody(httpx2.SyncByteStream):
+            def __init__(self, body: bytes, lines: list[tuple[int, int, str]]):
+                self.body, self.lines = body, lines
+
+            def __iter__(self) -> Iterator[bytes]:
+                for start in range(0, len(self.body), PIECE):
+                    end = min(start + PIECE, len(self.body))
+                    yield self.body[start:end]  # the transport has written it when it asks for the next one
+                    for first, last, path in self.lines:
+                        if first < end and last > start:
+                            progress.report(path, progress.sizes[path] * (min(end, last) - first) // (last - first))
+
+        def hook(request) -> None:
+            if request.method == "POST" and request.url.path.endswith(commit_path):
+                body = request.content
+                request.stream = CountedBody(body, self._file_lines(body))
+
+        return hook
+
+    def _file_lines(self, body: bytes) -> list[tuple[int, int, str]]:
+        """(start, end, path) of every ndjson line of ``body`` that carries one of the files inline."""
+        lines, start = [], 0
+        while start < len(body):
+            end = body.find(b"\n", start)
+            end = len(body) if end < 0 else end + 1
+            if body.startswith(b'{"key": "file"', start):
+                found = _PATH_IN_LINE.search(body, start, end)
+                path = json.loads(found.group(1)) if found else None
+                if path in self.sizes:
+                    lines.append((start, end, path))
+            start = end
+        return lines
+
+
+@functools.cache
+def counted_add():
+    """huggingface_hub's ``CommitOperationAdd``, whose uploaded bytes report to an :class:`UploadProgress`.
+
+    ``as_file(with_tqdm=True)`` is how huggingface_hub opens a file it streams into an LFS upload (one PUT
+    or parts of it); the file object returned here reports the furthest offset read instead of drawing
+    huggingface_hub's own bar (so the bars are the same for every upload mode). A subclass made on first
+    use, since huggingface_hub is imported only when a push runs.
+    """
+    from huggingface_hub import CommitOperationAdd
+
+    class CountedAdd(CommitOperationAdd):
+        progress: UploadProgress | None = None  # set per operation, after construction
+
+        @contextlib.contextmanager
+        def as_file(self, with_tqdm: bool = False):
+            with super().as_file() as file:
+                if with_tqdm and self.progress is not None:
+                    read, origin = file.read, file.tell()
+
+                    def counted_read(size: int | None = -1) -> bytes:
+                        data = read(size)
+                        self.progress.report(self.path_in_repo, file.tell() - origin)
+                        return data
+
+                    file.read = counted_read
+                yield file
+
+    return CountedAdd
+
+
 def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-                token: str | None = None, commit_message: str | None = None):
+                token: str | None = None, commit_message: str | None = None,
+                progress: bool | ProgressCallback = True):
     """Publish ``folder`` to ``repo_id`` (created if needed, ``private`` then) on branch ``revision``.
 
     Returns huggingface_hub's ``CommitInfo``: a ``str`` (the commit URL) with ``.oid``, the commit sha.
     ``private`` applies when the repo is created; an existing repo keeps its visibility. Files already in
-    the repo that the folder lacks are kept, as with ``HfApi.upload_folder``.
+    the repo that the folder lacks are kept, as with ``HfApi.upload_folder``. ``progress``: ``True`` draws
+    a byte bar per file on stderr as it is sent, ``False`` nothing; a callable is called as
+    ``progress(path_in_repo, bytes_sent, size)`` as the bytes go out (and no bar is drawn).
     """
-    from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+    from huggingface_hub import HfApi, constants, get_session, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
     folder = Path(folder)
@@ -206,20 +348,33 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revi
     if not token:
         raise PushError(f"{repo_id}: no Hugging Face token. Set HF_TOKEN, run `hf auth login`, or pass token=; "
                         "it needs write access to the namespace")
-    operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path in files]
+    Add = counted_add()
+    operations = [Add(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path in files]
     if card is not None:
-        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
-    size = sum(p.stat().st_size for _, p in files) / 1e6
-    log.info("pushing %d files (%.1f MB, %s layout) from %s to %s@%s on %s", len(operations), size, encoder.kind,
-             folder, repo_id, branch, constants.ENDPOINT)
+        operations.append(Add(path_in_repo="README.md", path_or_fileobj=card))
+    sizes = {op.path_in_repo: op.upload_info.size for op in operations}
+    log.info("pushing %d files (%.1f MB, %s layout) from %s to %s@%s on %s", len(operations),
+             sum(sizes.values()) / 1e6, encoder.kind, folder, repo_id, branch, constants.ENDPOINT)
     api = HfApi(token=token)
+    t0 = time.monotonic()
     try:
         with network.bounded_http():
             api.create_repo(repo_id, private=private, exist_ok=True)
             if branch != "main":
                 api.create_branch(repo_id, branch=branch, exist_ok=True)
-            return api.create_commit(repo_id, operations=operations, revision=branch,
-                                     commit_message=commit_message or f"Upload {encoder.kind} encoder with sslhub")
+            meter = UploadProgress(sizes, bars=progress is True, callback=progress if callable(progress) else None)
+            for op in operations:
+                op.progress = meter
+            # get_session(): huggingface_hub's shared client, inside this block the bounded one
+            with meter, meter.watching(get_session(), f"/api/models/{repo_id}/commit/{branch}"):
+                info = api.create_commit(repo_id, operations=operations, revision=branch,
+                                         commit_message=commit_message or f"Upload {encoder.kind} encoder with sslhub")
+        sent = sum(meter.sent.values())
+        log.info("pushed %s@%s in %.1f s: %.1f MB sent%s", repo_id, branch, time.monotonic() - t0, sent / 1e6,
+                 "" if sent == sum(sizes.values()) else
+                 f" (not counted: {', '.join(p for p in sizes if meter.sent[p] < sizes[p])}, already on the Hub "
+                 "or uploaded through Xet)")
+        return info
     except HfHubHTTPError as e:
         status = e.response.status_code
         said = e.server_message or (str(e).strip().splitlines() or [""])[0]
