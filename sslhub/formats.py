@@ -32,8 +32,10 @@ RUN_METRICS_JSON = "metrics.json"
 RUN_CURVES = "training_curves.png"
 RUN_TENSORBOARD = "tensorboard"
 RUN_EXPORT = "export"
-RUN_CHECKPOINT = "checkpoints/last.safetensors"
+RUN_CHECKPOINTS = "checkpoints"  # checkpoints/step-NNNNNNN.safetensors, the newest train.keep_checkpoints
+RUN_REJECTED = "checkpoints/rejected"  # checkpoints --resume passed over (damaged, diverged or newer than it)
 CHECKPOINT_META_KEY = "sslhub_state"  # safetensors metadata key holding the checkpoint's structure
+CHECKPOINT_SHA256_KEY = "sslhub_sha256"  # ... and the checksum of structure and tensors
 
 # ---- a saved FAISS index folder ------------------------------------------------------------------------
 INDEX_FAISS = "index.faiss"

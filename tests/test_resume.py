@@ -11,7 +11,7 @@ import torch
 from conftest import REPO, TINY
 from safetensors.torch import load_file
 
-from sslhub.train.checkpoint import load_state
+from sslhub.train.checkpoint import list_checkpoints, load_state
 
 ARGS = [str(REPO / "recipes/simclr_cifar10.yaml"), *sum((["--set", s] for s in TINY), []),
         "--set", "train.max_steps=10", "--set", "train.ckpt_every=1", "--set", "optim.warmup_epochs=0.5",
@@ -40,18 +40,14 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "sslhub", "train", *ARGS, "--out", str(run)], env=ENV, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = run / "checkpoints" / "last.safetensors"
     deadline = time.time() + 240
     while time.time() < deadline:
-        if ckpt.exists():
-            try:
-                if load_state(ckpt)["step"] >= 4:
-                    break
-            except Exception:
-                pass
+        if any(p.name >= "step-0000004" for p in list_checkpoints(run / "checkpoints")):
+            break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    ckpt = list_checkpoints(run / "checkpoints")[0]
     killed_at = load_state(ckpt)["step"]
     assert 4 <= killed_at < 10, "the run should have been killed mid-way"
     assert not (run / "export").exists()
@@ -84,12 +80,13 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path):
     """)
     res = subprocess.run([sys.executable, "-c", script], env=ENV, cwd=REPO, capture_output=True, timeout=300)
     assert res.returncode == -signal.SIGKILL
-    state = load_state(run / "checkpoints" / "last.safetensors")
+    state = load_state(list_checkpoints(run / "checkpoints")[0])
     assert state["step"] == 2, "the last complete checkpoint survives"
     res = train(run, "--resume")
     assert res.returncode == 0, res.stderr
     assert "at step 2/10" in res.stderr
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.safetensors"], "half-written file removed"
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == [f"step-{s:07d}.safetensors" for s in (8, 9, 10)], "half-written file removed, 3 kept"
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
@@ -106,5 +103,6 @@ def test_non_finite_loss_stops_with_a_way_forward(tmp_path, capsys):
     rc = main(["train", *ARGS[:-1], "--set", "optim.lr=1.0e+30", "--set", "train.ckpt_every=100",
                "--out", str(tmp_path / "run"), "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 2 and re.search(r"loss is (nan|-?inf) at step \d+: training stopped", err) and "--resume" in err
+    assert rc == 2 and re.search(r"loss is (nan|-?inf) at step \d+: training stopped", err)
+    assert "no healthy checkpoint was written before it" in err and "--overwrite --set optim.lr=1e+29" in err
     assert not (tmp_path / "run" / "export").exists()

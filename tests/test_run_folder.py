@@ -39,11 +39,11 @@ def test_an_existing_run_is_kept_unless_resume_or_overwrite(tmp_path, capsys):
 def test_overwrite_removes_the_old_checkpoint(tmp_path):
     run = tmp_path / "run"
     assert train(run, "--set", "train.max_steps=2") == 0
-    old = (run / "checkpoints" / "last.safetensors").read_bytes()
+    old = (run / "checkpoints" / "step-0000002.safetensors").read_bytes()
     # the replacing run fails before its first checkpoint: the old one must not be left to --resume
     assert train(run, "--set", "train.max_steps=3", "--set", "optim.lr=1e30", "--set", "optim.warmup_epochs=0",
                  "--set", "train.ckpt_every=100", "--overwrite") == 2  # diverges at step 1
-    assert not (run / "checkpoints" / "last.safetensors").exists() and old
+    assert not (run / "checkpoints" / "step-0000002.safetensors").exists() and old
 
 
 def test_bad_data_leaves_the_run_folder_untouched(tmp_path, capsys):
@@ -65,10 +65,10 @@ def test_resume_with_another_recipe_names_the_changed_keys(tmp_path, capsys):
     run = tmp_path / "run"
     assert train(run, "--set", "train.max_steps=2") == 0
     capsys.readouterr()
-    assert train(run, "--resume", "--set", "train.max_steps=2", "--set", "optim.lr=0.5",
+    assert train(run, "--resume", "--set", "train.max_steps=2", "--set", "optim.weight_decay=0.5",
                  "--set", "encoder.model_args.channels=[8,16,32,64]") == 2
     err = capsys.readouterr().err
-    assert "was written by a run with another recipe" in err and "optim.lr: " in err and "→ 0.5" in err
+    assert "was written by a run with another recipe" in err and "optim.weight_decay: " in err and "→ 0.5" in err
     assert "encoder.model_args.channels" in err and "Traceback" not in err
     # its length, logging and evaluation may change: training continues from step 2 to 3
     assert train(run, "--resume", "--set", "train.max_steps=3", "--set", "train.log_every=2") == 0

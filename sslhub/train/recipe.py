@@ -66,6 +66,7 @@ class TrainConfig:
     device: str = "auto"  # auto → cuda when available, else cpu
     log_every: int = 10  # steps between metric rows
     ckpt_every: int = 200  # steps between checkpoints (one more at the end)
+    keep_checkpoints: int = 3  # the newest K checkpoints are kept (older ones deleted)
     threads: Optional[int] = None  # torch.set_num_threads; null → torch's default
 
     def __post_init__(self):
@@ -74,6 +75,7 @@ class TrainConfig:
         check(self.accumulate >= 1, "accumulate", "micro-steps per optimiser step must be >= 1")
         check(self.log_every >= 1, "log_every", "must be >= 1 step")
         check(self.ckpt_every >= 1, "ckpt_every", "must be >= 1 step")
+        check(self.keep_checkpoints >= 1, "keep_checkpoints", "must keep >= 1 checkpoint")
         check(self.threads is None or self.threads >= 1, "threads", "must be >= 1 (null: torch's default)")
 
 

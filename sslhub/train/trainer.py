@@ -8,7 +8,13 @@
 Everything a step does is a function of (checkpointed state, step number): the batch comes from a
 seeded per-epoch permutation (``BatchPlan``) and every random number from a generator seeded with
 ``(seed, step, rank)``.  So ``--resume`` after a crash, even a SIGKILL, ends with the same weights as
-an uninterrupted run.
+an uninterrupted run.  The first Ctrl-C stops after the current step and saves a checkpoint to resume from.
+
+Guards: a non-finite loss or gradient stops training before the step is applied, and a checkpoint is never
+written with a non-finite tensor.  Each checkpoint records its loss and weight norm; one whose weights grew
+``DIVERGED``× beyond their start is *diverging*.  The error names the newest healthy checkpoint (finite, not
+diverging) with a command that continues from it at a lower learning rate, and ``--resume`` itself passes
+over damaged (checksum) and diverging checkpoints, moving them to ``checkpoints/rejected/``.
 
 Batches: ``data.batch_size`` images (over all processes) go through the network at once; with
 ``train.accumulate = A`` an optimiser step averages the gradients of A such micro-batches, so a step sees
@@ -22,6 +28,8 @@ import json
 import logging
 import math
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -40,7 +48,8 @@ from sslhub.inference.load import load_encoder
 from sslhub.methods.base import Batch, Method
 from sslhub.methods.registry import get_method
 from sslhub.schedules import cosine_schedule
-from sslhub.train.checkpoint import load_state, read_info, save_state
+from sslhub.train.checkpoint import (CheckpointError, checkpoint_path, iter_infos, list_checkpoints, load_state,
+                                     prune, save_state)
 from sslhub.train.metrics_log import MetricsLog, plot_curves
 from sslhub.train.optim import build_optimizer, scaled_lr
 from sslhub.train.recipe import Recipe
@@ -49,7 +58,65 @@ log = logging.getLogger("sslhub.train")
 
 
 class NonFiniteLoss(SslhubError, RuntimeError):
-    """The loss became NaN or infinite: training stopped before the step was applied."""
+    """The loss, a gradient or a weight became NaN or infinite: training stopped before the step was applied
+    (or before its checkpoint was written)."""
+
+
+class TrainingInterrupted(SslhubError):
+    """Ctrl-C: training stopped between two steps, after saving a checkpoint to resume from."""
+
+
+DIVERGED = 100.0  # a checkpoint whose weight norm grew this many times beyond its start is diverging
+
+
+def weight_norm(params: list[nn.Parameter]) -> float:
+    """The global L2 norm of ``params`` (inf when any element is not finite)."""
+    return float(torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for p in params])))
+
+
+def health(info: dict) -> str:
+    """Why a checkpoint (its ``read_info``) is not a healthy point to continue from; "" when it is."""
+    loss, norm, start = info.get("loss"), info.get("weight_norm"), info.get("weight_norm_start")
+    if loss is None or norm is None or not start:  # sslhub < 0.3 recorded neither: nothing to judge by
+        return ""
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        return f"not finite (loss {loss}, weight norm {norm})"
+    if norm > DIVERGED * start:
+        return f"diverging (weight norm {norm:.3g}, {norm / start:.3g}× its {start:.3g} at the start)"
+    return ""
+
+
+def non_finite(state: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a nested state that hold a NaN or an infinity."""
+    if isinstance(state, torch.Tensor):
+        return [prefix] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+    if isinstance(state, dict):
+        return [n for k, v in state.items() for n in non_finite(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(state, (list, tuple)):
+        return [n for i, v in enumerate(state) for n in non_finite(v, f"{prefix}.{i}")]
+    return []
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Any:
+    """The first Ctrl-C (SIGINT) sets ``flag["set"]``, which the training loop checks between steps; a second
+    one interrupts at once.  A no-op outside the main thread or where SIGINT is ignored."""
+    flag = {"set": False}
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
+        yield flag
+        return
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        flag["set"] = True
+        signal.signal(signal.SIGINT, previous)
+        log.warning("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again stops at once)")
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -69,30 +136,42 @@ def accumulate_gradients(method: Method, groups: dict[str, list[nn.Parameter]], 
     """Forward and backward every micro-batch of one step; ``.grad`` ends as the mean of their gradients.
 
     Returns the mean over micro-batches of every value the method logs.  A non-finite loss raises
-    :class:`NonFiniteLoss` before its backward, so no poisoned gradient is accumulated.
+    :class:`NonFiniteLoss` before its backward.  With several processes its backward still runs (its collectives
+    must meet the other processes') and the gradients are made NaN, so ``apply_update`` stops every process.
     """
-    n, logged = len(batches), {}
+    n, logged, poisoned = len(batches), {}, False
     for batch in batches:
         with autocast():
             out = method.loss(batch)
         loss = float(out["loss"].detach())
         if not math.isfinite(loss):
-            raise NonFiniteLoss(f"loss is {loss} at step {batch.step}")
+            if not D.is_dist():
+                raise NonFiniteLoss(f"loss is {loss} at step {batch.step}")
+            poisoned = True
         keys = list(groups)
         for i, k in enumerate(keys):  # each loss only into its own optimiser's parameters
             inputs = None if len(keys) == 1 else groups[k]
             (out[k] / n).backward(inputs=inputs, retain_graph=i < len(keys) - 1)
         for k, v in out.items():
             logged[k] = logged.get(k, 0.0) + float(v.detach()) / n
+    if poisoned:
+        first = next(p for ps in groups.values() for p in ps)
+        first.grad = torch.full_like(first, float("nan"))
     return logged
 
 
 def apply_update(method: Method, optimizers: dict[str, torch.optim.Optimizer], params: list[nn.Parameter],
                  step: int, max_steps: int, clip_grad: float | None = None) -> None:
-    """Average gradients over processes, clip, step every optimiser, then the method's ``on_step_end``."""
+    """Average gradients over processes, clip, step every optimiser, then the method's ``on_step_end``.
+
+    Non-finite gradients (from a finite loss) raise :class:`NonFiniteLoss` before any weight changes."""
     D.average_gradients(params)
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = float(nn.utils.get_total_norm(grads)) if grads else 0.0
+    if not math.isfinite(norm):
+        raise NonFiniteLoss(f"the gradients are not finite at step {step} (norm {norm})")
     if clip_grad:
-        nn.utils.clip_grad_norm_(params, clip_grad)
+        nn.utils.clip_grads_with_norm_(params, clip_grad, torch.tensor(norm))
     for opt in optimizers.values():
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -123,8 +202,8 @@ class Trainer:
         self.device = pick_device(recipe.train.device)
         D.init_from_env(self.device)
         self.rank, self.world = D.rank(), D.world_size()
-        self.ckpt_path = self.out / formats.RUN_CHECKPOINT
-        self.start, self.elapsed = 0, 0.0
+        self.ckpt_dir = self.out / formats.RUN_CHECKPOINTS
+        self.start, self.elapsed, self.last_loss = 0, 0.0, float("nan")
 
     def fit(self) -> dict[str, Any]:
         self.setup()
@@ -134,11 +213,14 @@ class Trainer:
         self.method.train()
         self._t_last, self._n_since = time.perf_counter(), 0
         try:
-            for step in range(self.start, self.total):
-                logged = self.train_step(step)
-                self.log(step, logged, bar)
-                self.checkpoint(step + 1)
-                bar.update(1)
+            with deferred_interrupt() as interrupt:
+                for step in range(self.start, self.total):
+                    logged = self.train_step(step)
+                    self.log(step, logged, bar)
+                    self.checkpoint(step + 1)
+                    bar.update(1)
+                    if self.stop_requested(interrupt["set"]) and step + 1 < self.total:
+                        self.interrupted(step + 1)
         finally:
             bar.close()
             self.metrics_log.close()
@@ -189,16 +271,19 @@ class Trainer:
                         "images of a step", r.method, tc.accumulate, r.data.batch_size, self.step_batch)
         self.groups = self.method.optim_groups()
         self.params = [p for p in self.method.parameters() if p.requires_grad]
+        self.weight_norm_start = weight_norm(self.params)  # replaced by the checkpoint's on --resume
         lr = scaled_lr(r.optim, self.step_batch)
         self.optimizers = {k: build_optimizer(ps, r.optim, lr) for k, ps in self.groups.items()}
         self.lrs = cosine_schedule(lr, lr * r.optim.min_lr_ratio, self.total, int(r.optim.warmup_epochs * spe))
 
-    RUN_FILES = (formats.RUN_RECIPE, "checkpoints", formats.RUN_EXPORT, formats.RUN_METRICS_CSV,
+    RUN_FILES = (formats.RUN_RECIPE, formats.RUN_CHECKPOINTS, formats.RUN_EXPORT, formats.RUN_METRICS_CSV,
                  formats.RUN_METRICS_JSON, formats.RUN_CURVES, formats.RUN_TENSORBOARD)
 
-    # recipe keys that may change when a run is resumed: how long, how often to log or save, evaluation, threads
-    RESUMABLE = ("train.epochs", "train.max_steps", "train.log_every", "train.ckpt_every", "train.threads",
-                 "train.device", "data.num_workers", "eval.")
+    # recipe keys that may change when a run is resumed: how long, how often to log or save, evaluation, threads,
+    # and what continuing a diverged run needs (a lower learning rate, clipping, fp32)
+    RESUMABLE = ("train.epochs", "train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
+                 "train.threads", "train.device", "data.num_workers", "eval.", "optim.lr", "optim.clip_grad",
+                 "train.precision")
 
     def check_run_folder(self) -> None:
         """A folder that holds a run is continued (``--resume``, with the recipe it was started with) or replaced
@@ -207,14 +292,17 @@ class Trainer:
         if held and not (self.resume or self.overwrite):
             raise SslhubError(f"{self.out} already holds a run ({', '.join(held)}): pass --resume to continue it, "
                               "--overwrite to replace it, or give another --out")
-        if self.resume and self.ckpt_path.is_file():
-            saved = json.loads(read_info(self.ckpt_path).get("recipe") or "{}")
+        newest = next(iter_infos(self.ckpt_dir), None) if self.resume else None
+        if newest is not None:
+            path, info = newest
+            saved = json.loads(info.get("recipe") or "{}")
             changed = [f"{k}: {a!r} → {b!r}" for k, a, b in recipe_changes(saved, self.recipe.to_dict())
                        if not k.startswith(self.RESUMABLE)]
             if changed:
-                raise SslhubError(f"{self.ckpt_path} was written by a run with another recipe ({'; '.join(changed[:6])}"
+                raise SslhubError(f"{path} was written by a run with another recipe ({'; '.join(changed[:6])}"
                                   f"{' …' if len(changed) > 6 else ''}): --resume continues a run with its own recipe "
-                                  "(only its length, logging, checkpointing and evaluation may change); start a new "
+                                  "(only its length, logging, checkpointing, evaluation, optim.lr, optim.clip_grad and "
+                                  "train.precision may change); start a new "
                                   "run with --overwrite or another --out")
 
     def clear_run_folder(self) -> None:
@@ -227,19 +315,57 @@ class Trainer:
                 path.unlink()
 
     def restore(self) -> None:
-        if D.is_main() and self.ckpt_path.parent.is_dir():  # temp files of a write that was cut short
-            for stale in self.ckpt_path.parent.glob(f".{self.ckpt_path.name}.*.tmp"):
+        if D.is_main() and self.ckpt_dir.is_dir():  # temp files of a write that was cut short
+            for stale in self.ckpt_dir.glob(".*.safetensors.*.tmp"):
                 stale.unlink()
-        if self.resume and self.ckpt_path.is_file():
-            state = load_state(self.ckpt_path)
+        if self.resume and list_checkpoints(self.ckpt_dir):
+            path, state, passed = self.newest_usable()
+            D.barrier()  # every process has read its checkpoint before any is moved
+            if D.is_main():
+                self.reject(passed)
             self.method.load_state_dict(state["model"])
             for k, opt in self.optimizers.items():
                 opt.load_state_dict(state["optim"][k])
             self.start, self.elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
-            log.info("resumed from %s at step %d/%d", self.ckpt_path, self.start, self.total)
+            self.weight_norm_start = float(state.get("weight_norm_start") or self.weight_norm_start)
+            log.info("resumed from %s at step %d/%d", path, self.start, self.total)
         elif self.resume:
-            log.info("--resume: no checkpoint at %s, starting from scratch", self.ckpt_path)
+            log.info("--resume: no checkpoint in %s, starting from scratch", self.ckpt_dir)
         self.metrics_log = MetricsLog(self.out, self.start, enabled=D.is_main())
+
+    def newest_usable(self) -> tuple[Path, dict, list[tuple[Path, str]]]:
+        """The newest checkpoint that is intact (checksum) and healthy, its state, and the newer ones passed over
+        with the reason; an error naming every reason when none is usable."""
+        passed: list[tuple[Path, str]] = []
+        for path in list_checkpoints(self.ckpt_dir):
+            try:
+                state = load_state(path)
+            except CheckpointError as e:
+                passed.append((path, str(e).removeprefix(f"{path}: ")))
+                continue
+            info = {k: v for k, v in state.items() if not isinstance(v, dict)}
+            why = health(info)
+            if not why:
+                return path, state, passed
+            passed.append((path, why))
+        reasons = "; ".join(f"{p}: {why}" for p, why in passed)
+        raise CheckpointError(f"no checkpoint in {self.ckpt_dir} can be resumed ({reasons}); start the run again "
+                              "with --overwrite")
+
+    def reject(self, passed: list[tuple[Path, str]]) -> None:
+        """Move checkpoints --resume passed over to checkpoints/rejected/ (kept, never resumed or pruned)."""
+        if not passed:
+            return
+        folder = self.out / formats.RUN_REJECTED
+        folder.mkdir(parents=True, exist_ok=True)
+        for path, _ in passed:
+            dest, n = folder / path.name, 1
+            while dest.exists():  # rejected before, by an earlier --resume: both kept
+                n += 1
+                dest = folder / f"{path.stem}.{n}{path.suffix}"
+            path.replace(dest)
+        reasons = "; ".join(f"{p.name}: {why}" for p, why in passed[:3]) + (" …" if len(passed) > 3 else "")
+        log.warning("--resume passed over %d newer checkpoint(s) (%s): moved to %s", len(passed), reasons, folder)
 
     # ------------------------------------------------------------------ step
     def micro_batches(self, step: int) -> list[Batch]:
@@ -266,12 +392,31 @@ class Trainer:
                 g["lr"] = float(self.lrs[step])
         try:
             logged = accumulate_gradients(self.method, self.groups, self.micro_batches(step), self.autocast)
+            apply_update(self.method, self.optimizers, self.params, step, self.total, self.recipe.optim.clip_grad)
         except NonFiniteLoss as e:
-            last = self.ckpt_path if self.ckpt_path.exists() else "not written yet"
-            raise NonFiniteLoss(f"{e}: training stopped. The last good checkpoint is {last}; lower optim.lr or "
-                                "use train.precision=fp32, then run again with --resume") from None
-        apply_update(self.method, self.optimizers, self.params, step, self.total, self.recipe.optim.clip_grad)
+            raise self.diverged(str(e)) from None
+        self.last_loss = logged["loss"]
         return logged
+
+    def diverged(self, what: str) -> NonFiniteLoss:
+        """The guard's error: what went wrong, the newest healthy checkpoint and a command that continues from it
+        at a tenth of the learning rate (``--resume`` passes over the diverging checkpoints newer than it)."""
+        r, out = self.recipe, self.out
+        healthy = next(((p, i) for p, i in iter_infos(self.ckpt_dir) if not health(i)), None)
+        lr = f"{r.optim.lr / 10:.6g}"
+        extra = "" if r.optim.clip_grad else "; --set optim.clip_grad=1.0 may help too"
+        if r.train.precision == "bf16":
+            extra += "; so may --set train.precision=fp32"
+        recipe = out / formats.RUN_RECIPE
+        if healthy is None:
+            where = "no healthy checkpoint was written before it"
+            cmd = f"sslhub train {recipe} --out {out} --overwrite --set optim.lr={lr}"
+        else:
+            path, info = healthy
+            where = f"the newest healthy checkpoint is {path} (step {info['step']}, finite and not diverging)"
+            cmd = f"sslhub train {recipe} --out {out} --resume --set optim.lr={lr}"
+        return NonFiniteLoss(f"{what}: training stopped; {where}. Continue at a tenth of the learning rate "
+                             f"(optim.lr {r.optim.lr:g} → {lr}{extra}): {cmd}")
 
     # ------------------------------------------------------------------ log, checkpoint
     def log(self, step: int, logged: dict[str, float], bar: tqdm) -> None:
@@ -287,12 +432,40 @@ class Trainer:
         bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
         self._t_last, self._n_since = now, 0
 
-    def checkpoint(self, done: int) -> None:
-        if not D.is_main() or (done % self.recipe.train.ckpt_every and done != self.total):
-            return
+    def checkpoint(self, done: int, force: bool = False) -> Path | None:
+        """Save the state after ``done`` steps (every ``train.ckpt_every`` and at the end), keep the newest
+        ``train.keep_checkpoints``; a state holding a NaN or an infinity is never written."""
+        tc = self.recipe.train
+        if not D.is_main() or not (force or done % tc.ckpt_every == 0 or done == self.total):
+            return None
         state = {"model": self.method.state_dict(), "optim": {k: o.state_dict() for k, o in self.optimizers.items()},
-                 "step": done, "elapsed": self.elapsed, "recipe": json.dumps(self.recipe.to_dict())}
-        save_state(self.ckpt_path, state)
+                 "step": done, "elapsed": self.elapsed, "recipe": json.dumps(self.recipe.to_dict()),
+                 "loss": self.last_loss, "weight_norm": weight_norm(self.params),
+                 "weight_norm_start": self.weight_norm_start}
+        bad = non_finite(state)
+        if bad:
+            raise self.diverged(f"after step {done} {len(bad)} tensors are not finite ({', '.join(bad[:3])}"
+                                f"{' …' if len(bad) > 3 else ''}), so no checkpoint was written")
+        path = checkpoint_path(self.ckpt_dir, done)
+        save_state(path, state)
+        prune(self.ckpt_dir, tc.keep_checkpoints)
+        return path
+
+    def stop_requested(self, local: bool) -> bool:
+        """Whether any process got Ctrl-C (all processes stop at the same step)."""
+        if self.world == 1:
+            return local
+        flag = torch.tensor([float(local)], device=self.device)
+        return bool(D.all_reduce_sum(flag).item() > 0)
+
+    def interrupted(self, done: int) -> None:
+        """Ctrl-C between steps: a checkpoint of step ``done`` (unless just written) and how to resume."""
+        path = checkpoint_path(self.ckpt_dir, done)
+        if not path.exists():
+            self.checkpoint(done, force=True)
+        D.barrier()
+        raise TrainingInterrupted(f"interrupted at step {done}/{self.total}: the run is saved in {path}; continue "
+                                  f"it with: sslhub train {self.out / formats.RUN_RECIPE} --out {self.out} --resume")
 
     # ------------------------------------------------------------------ finish
     def finish(self) -> dict[str, Any]:
@@ -400,4 +573,4 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: b
     return Trainer(recipe, out_dir, resume, progress, overwrite).fit()
 
 
-__all__ = ["Trainer", "train", "NonFiniteLoss", "accumulate_gradients", "apply_update"]
+__all__ = ["Trainer", "train", "NonFiniteLoss", "TrainingInterrupted", "accumulate_gradients", "apply_update"]
