@@ -4,12 +4,14 @@ Two servers run for the module: a tiny open_clip CLIP over the Flickr8k sample's
 images, embedded at start) and a tiny timm ViT without a text tower over the CIFAR-10 sample's test
 split (500 labelled images: the few-shot tab). Every answer is compared with the same quantity
 computed here from sslhub's API (zero-shot probabilities, search ranks and scores, k-NN vote, attention
-image), and every bad input must come back as its message while the next request still works.
+image), and every bad input must come back as its message while the next request still works, logged
+as one line, with the page's error closed by the next good result.
 """
 from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -34,8 +36,8 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from sslhub import load_encoder  # noqa: E402
-from sslhub.apps.cli import build_parser  # noqa: E402
-from sslhub.apps.demo import KNN_TEMPERATURE, SHOTS, decode_size, launch  # noqa: E402
+from sslhub.apps.cli import build_parser, main  # noqa: E402
+from sslhub.apps.demo import KNN_TEMPERATURE, PROMPT_BATCH, SHOTS, Backend, decode_size, launch  # noqa: E402
 from sslhub.data.images import decode_all, open_image  # noqa: E402
 from sslhub.data.sources import open_source  # noqa: E402
 from sslhub.inference.attention import attention_map, input_region, overlay  # noqa: E402
@@ -128,6 +130,39 @@ def test_zero_shot(clip):
     assert out["label"] == labels[int(expected.argmax())]
 
 
+def test_zero_shot_shows_every_label(clip):
+    labels = ["dog", "snow", "kayak", "a person", "tree", "car", "boat"]  # more than Gradio's usual top 5
+    out, _ = clip.client.predict(handle_file(str(DOG)), ", ".join(labels), "default", api_name="/zero_shot")
+    assert {c["label"] for c in out["confidences"]} == set(labels)
+
+
+def test_zero_shot_progress_counts_prompts_with_the_time_left(clip, monkeypatch, tmp_path):
+    """Labels × templates prompts are embedded batch by batch, each batch reported with the time left."""
+    monkeypatch.setenv("SSLHUB_CACHE", str(tmp_path))  # no class matrix cached by an earlier run
+    labels = [f"progress test thing {i}" for i in range(12)]
+    total = len(labels) * 80  # imagenet templates: 960 prompts, 4 batches
+    be, calls = Backend(clip.encoder), []
+    out, _ = be.zero_shot({"path": str(DOG)}, ", ".join(labels), "imagenet",
+                          progress=lambda fraction, desc=None: calls.append((fraction, desc)))
+    batch_ends = [min(n, total) for n in range(PROMPT_BATCH, total + PROMPT_BATCH, PROMPT_BATCH)]
+    assert [f for f, _ in calls] == [n / total for n in batch_ends]
+    assert all(f"{n}/{total} prompts, " in d and d.endswith(" left") for n, (_, d) in zip(batch_ends, calls)), calls
+    expected = ZeroShotClassifier(clip.encoder, labels, "imagenet", cache=False)  # the same class matrix
+    np.testing.assert_allclose(list(out.values()), expected.predict_proba([Image.open(DOG).convert("RGB")])[0], atol=1e-6)
+    again = []
+    be.zero_shot({"path": str(DOG)}, ", ".join(labels), "imagenet", progress=lambda *a, **k: again.append(a))
+    assert again == []  # kept from the first request: nothing to embed
+
+    job = clip.client.submit(handle_file(str(DOG)), ", ".join(f"served {c}" for c in labels), "imagenet",
+                             api_name="/zero_shot")  # the same through Gradio's gr.Progress
+    seen = set()
+    while not job.done():
+        seen.update((u.progress, u.desc) for u in job.status().progress_data or [])
+        time.sleep(0.01)
+    job.result()
+    assert any(desc and f"/{total} prompts" in desc and 0 < fraction < 1 for fraction, desc in seen), seen
+
+
 def test_confusable_labels_are_flagged(clip):
     labels = ["dog", "snow", "kayak", "a person"]
     expected = [w["suggestion"] for w in check_labels(clip.encoder, labels, "cifar")]
@@ -163,10 +198,10 @@ def test_attention_endpoint(vit):
     assert notes == "" and np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(expected))
 
 
-def top5(label_output: dict, expected: dict[str, float]) -> None:
-    """A ``gr.Label`` answer (its 5 best classes) against the expected probabilities of every class."""
+def best_classes(label_output: dict, expected: dict[str, float], shown: int) -> None:
+    """A ``gr.Label`` answer (its ``shown`` best classes) against the expected probabilities of every class."""
     got = {c["label"]: c["confidence"] for c in label_output["confidences"]}
-    best = sorted(expected, key=expected.get, reverse=True)[:5]
+    best = sorted(expected, key=expected.get, reverse=True)[:shown]
     assert list(got) == best and label_output["label"] == best[0]
     np.testing.assert_allclose([got[c] for c in best], [expected[c] for c in best], atol=1e-5)
 
@@ -181,7 +216,7 @@ def test_few_shot_and_knn_vote_for_a_vision_only_model(vit):
     img = Image.open(DOG).convert("RGB")
     expected = PrototypeClassifier(vit.encoder, examples).predict_proba([img])[0].tolist()
     out, _ = vit.client.predict(handle_file(str(DOG)), "ignored", "default", api_name="/zero_shot")
-    top5(out, dict(zip(examples, expected)))
+    best_classes(out, dict(zip(examples, expected)), shown=len(examples))  # all 10 CIFAR classes
 
     rows, scores = top_k(vit.emb, vit.encoder.embed_images([img], normalize=True), 8)
     weights: dict[str, float] = {}
@@ -191,7 +226,7 @@ def test_few_shot_and_knn_vote_for_a_vision_only_model(vit):
     gallery, vote, table, _ = vit.client.predict(handle_file(str(DOG)), 8, api_name="/neighbours")
     assert [r[2] for r in table["data"]] == names
     assert all(g["caption"].startswith(t[2]) for g, t in zip(gallery, table["data"]))
-    top5(vote, {c: w / sum(weights.values()) for c, w in weights.items()})
+    best_classes(vote, {c: w / sum(weights.values()) for c, w in weights.items()}, shown=5)
 
 
 def test_bad_input_is_a_message_and_the_server_keeps_serving(clip, vit, uploads):
@@ -212,7 +247,22 @@ def test_bad_input_is_a_message_and_the_server_keeps_serving(clip, vit, uploads)
             app.client.predict(*args, **kwargs)
         out, _ = app.client.predict(handle_file(str(DOG)), "dog, cat", "default", **z)  # still serving
         labels = {c["label"] for c in out["confidences"]}
-        assert labels == {"dog", "cat"} if app is clip else len(labels) == 5 and labels <= set(vit.classes)
+        assert labels == ({"dog", "cat"} if app is clip else set(vit.classes))
+
+
+def test_user_error_is_one_log_line_not_a_traceback(clip, capfd, caplog):
+    caplog.set_level(logging.INFO, logger="sslhub.apps.demo")
+    capfd.readouterr()
+    with pytest.raises(AppError, match="at least two labels"):
+        clip.client.predict(handle_file(str(DOG)), "dog", "default", api_name="/zero_shot")
+    with pytest.raises(AppError, match="Type a text query"):
+        clip.client.predict("  ", 4, api_name="/search_text")
+    console = capfd.readouterr()
+    assert "Traceback" not in console.err + console.out, console.err[-3000:]
+    lines = [r.getMessage() for r in caplog.records if r.name == "sslhub.apps.demo"]
+    assert lines == ["user error in zero-shot: Type at least two labels, separated by commas or new lines "
+                     "(e.g. dog, cat, bird).", "user error in text search: Type a text query, e.g. 'a dog running "
+                     "on the beach'."]
 
 
 def test_twenty_megapixels_are_downscaled(clip, uploads):
@@ -257,7 +307,9 @@ def _classify(page, encoder, image: Path, labels: list[str]) -> str:
 
 def test_browser_zero_shot_and_text_search(clip, browser):
     page = _open(browser, clip.url)
-    _label_is(page, _classify(page, clip.encoder, DOG, ["dog", "cat", "bird"]))
+    labels = ["dog", "cat", "bird", "snow", "kayak", "tree"]
+    _label_is(page, _classify(page, clip.encoder, DOG, labels))
+    assert page.locator("#zs-label .confidence-set").count() == len(labels)  # the 6th label too
     page.click("#tab-retrieval-button")
     page.fill("#rt-text textarea", "a dog running in the snow")
     page.click("#rt-text-run")
@@ -279,6 +331,8 @@ def test_browser_bad_input_is_shown_and_the_page_keeps_working(clip, browser, up
     page.click("#zs-run")
     page.locator(".toast-body", has_text="at least two labels").wait_for(timeout=30_000)
     _label_is(page, _classify(page, clip.encoder, KAYAK, ["boat", "horse", "mountain"]))
+    # the good result closes both error toasts (Gradio keeps a stack of two until it is closed)
+    page.wait_for_function("!document.querySelector('.toast-body.error')", timeout=5_000)
     page.close()
 
 
@@ -301,6 +355,17 @@ def test_cli_flags():
         build_parser().parse_args(["demo", "M", "--data", "D", "--index", "I"])
 
 
+def test_cli_busy_port_is_one_line_naming_the_flag(open_clip_folder, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc = main(["demo", str(open_clip_folder[0]), "--data", str(FLICKR), "--split", "test", "--port", str(port)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("sslhub: error: ") and len(err.splitlines()) == 1, err
+    assert f"127.0.0.1:{port}" in err and "--port" in err and "server_port" not in err, err
+
+
 def test_cli_serves_a_saved_index(open_clip_folder, tmp_path):
     folder = str(open_clip_folder[0])
     run_cli("index", "build", "--model", folder, "--data", str(FLICKR), "--split", "test",
@@ -308,7 +373,8 @@ def test_cli_serves_a_saved_index(open_clip_folder, tmp_path):
     port, log = free_port(), tmp_path / "demo.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "sslhub", "demo", folder, "--index", str(tmp_path / "index"),
-                                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+                                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         url = f"http://127.0.0.1:{port}/"
         deadline = time.time() + 300  # a fresh process imports torch and gradio: slow on a busy machine
@@ -322,5 +388,12 @@ def test_cli_serves_a_saved_index(open_clip_folder, tmp_path):
         assert config["title"] == "sslhub demo" and config["analytics_enabled"] is False
         gallery, table = Client(url, verbose=False).predict("a dog", 4, api_name="/search_text")
         assert len(table["data"]) == 4 and len(gallery) == 4  # the images come back from the recorded data
+        printed = time.time() + 30
+        while "--share" not in log.read_text():  # printed once the server is up
+            assert time.time() < printed, log.read_text()[-2000:]
+            time.sleep(0.2)
+        console = log.read_text()
+        assert f"sslhub demo: serving on http://127.0.0.1:{port}/" in console
+        assert f"--index {tmp_path / 'index'} --port {port} --share" in console and "share=True" not in console
     finally:
         stop_process(proc)

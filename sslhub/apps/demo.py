@@ -20,7 +20,9 @@ Tabs (each endpoint has an ``api_name`` for ``gradio_client``):
 The index is a saved folder (``sslhub index build``) or a data set embedded at start (``data=``).
 Safety: binds 127.0.0.1 unless told otherwise, no share link unless asked, Gradio analytics off (set
 before gradio is imported), uploads ≤ 50 MB and ≤ 50 megapixels, larger images downscaled to 1024 px
-(JPEGs decoded at reduced scale), a bounded queue. Bad input is a message in the page, not a crash.
+(JPEGs decoded at reduced scale), a bounded queue. Bad input is a message in the page, not a crash,
+and one line in the server's log, not a traceback; a good result clears the error messages before it.
+Zero-shot reports its prompt embedding (labels × templates) as it goes, with the time left.
 """
 from __future__ import annotations
 
@@ -33,11 +35,18 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported
 import functools  # noqa: E402
 import logging  # noqa: E402
 import re  # noqa: E402
+import shlex  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections import OrderedDict  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
+from typing import Any, Callable, Sequence  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
 
 from sslhub.data.images import BadImage, decode_all, open_image, to_rgb  # noqa: E402
@@ -50,7 +59,7 @@ from sslhub.inference.attention import (  # noqa: E402
     overlay,
 )
 from sslhub.inference.load import load_encoder  # noqa: E402
-from sslhub.inference.loaders.base import Encoder
+from sslhub.inference.loaders.base import Encoder  # noqa: E402
 from sslhub.inference.retrieval import Index, build_index, load_index  # noqa: E402
 from sslhub.inference.templates import TEMPLATE_SETS  # noqa: E402
 from sslhub.inference.zeroshot import (  # noqa: E402
@@ -65,11 +74,17 @@ MAX_PIXELS = 50_000_000  # refused above this: decoding alone would take ≥ 150
 WORK_SIDE = 1024  # uploads are downscaled to this longest side (every encoder's input is far smaller)
 MAX_UPLOAD = "50mb"  # Gradio refuses larger files before they reach the handlers
 MAX_LABELS = 100  # zero-shot embeds labels × templates prompts (imagenet: 80 templates)
+PROMPT_BATCH = 256  # prompts per text-tower batch (embed_text's default): one progress step each
+CLASSIFIERS = 64  # zero-shot classifiers (label sets × template sets) kept in memory
+FIRST_PORT = 7860  # Gradio's first port when none is given
 SHOTS = 16  # few-shot prototype classifier: images per class taken from the index
 KNN_TEMPERATURE = 0.07  # k-NN vote weights exp(similarity / T), the DINO / InstDisc k-NN protocol
 THUMB_SIDE = 256  # gallery thumbnails
 TABLE = ["rank", "score", "label", "caption", "id"]  # the result tables' columns
 EXAMPLES = Path(__file__).resolve().parents[2] / "demos" / "examples"  # present in a source checkout
+# run in the page after a request succeeds: close the error toasts still shown (see _clears_errors)
+CLEAR_ERRORS = ("() => document.querySelectorAll('.toast-body.error [data-testid=toast-close]')"
+                ".forEach(button => button.click())")
 NO_INDEX = ("No index loaded: start the demo with `--data DATA` (a folder of images or shards, embedded at "
             "start) or `--index FOLDER` (saved by `sslhub index build`).")
 
@@ -116,6 +131,78 @@ def parse_labels(text: str | None) -> list[str]:
     if len(labels) > MAX_LABELS:
         raise gr.Error(f"{len(labels)} labels: the demo takes up to {MAX_LABELS}.")
     return labels
+
+
+def user_errors(endpoint: str) -> Callable[[Callable], Callable]:
+    """Decorate an endpoint so bad input (a ``gr.Error``) is logged as one line, not a traceback.
+
+    Gradio prints the whole traceback (~30 lines) of every exception a handler raises unless it is a
+    ``gr.Error`` with ``print_exception=False``: each typo a visitor made buried the server console.
+    The visitor still gets the message in the page. Any other exception is a bug: its traceback prints.
+    """
+    def decorate(method: Callable) -> Callable:
+        @functools.wraps(method)  # keeps the signature: Gradio finds the gr.Progress parameter through it
+        def endpoint_method(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except gr.Error as e:
+                log.info("user error in %s: %s", endpoint, " ".join(str(e.message).split()))
+                e.print_exception = False
+                raise
+        return endpoint_method
+    return decorate
+
+
+# ------------------------------------------------------------------------------------------- progress
+def _duration(seconds: float) -> str:
+    """``"under a second"``, ``"42 s"`` or ``"3 min 5 s"``."""
+    if seconds < 1:
+        return "under a second"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
+def prompt_progress(progress: Callable, labels: int, templates: int) -> Callable[[int, int], None]:
+    """``report(done, total)``: prompts embedded so far → ``progress(fraction, desc=…)`` with the time left.
+
+    The time left is extrapolated from the batches done so far (they are alike: PROMPT_BATCH prompts each).
+    """
+    start = time.monotonic()
+
+    def report(done: int, total: int) -> None:
+        left = (time.monotonic() - start) * (total - done) / max(done, 1)
+        progress(done / total, desc=f"embedding {labels} labels × {templates} templates: {done}/{total} prompts, "
+                                    f"{_duration(left)} left")
+    return report
+
+
+class ReportingText:
+    """An encoder whose ``embed_text`` embeds batch by batch and calls ``report(done, total)`` after each.
+
+    ``ZeroShotClassifier`` embeds all labels × templates prompts in one ``embed_text`` call that reports
+    to the terminal at most: 100 labels × 80 templates (8000 prompts) took a minute and more on a CPU
+    with the page silent. The batches are those ``embed_text`` makes itself (prompts sorted by length,
+    ``batch_size`` at a time), so the class matrix is the same. Everything else, the fingerprint that
+    keys the zero-shot caches included, is the wrapped encoder's.
+    """
+
+    def __init__(self, encoder: Encoder, report: Callable[[int, int], None]):
+        self.encoder, self.report = encoder, report
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.encoder, name)
+
+    def embed_text(self, texts: Sequence[str] | str, batch_size: int = PROMPT_BATCH, normalize: bool = False,
+                   progress: bool | None = None) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.empty(len(texts), self.encoder.dim)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = [texts[i] for i in rows]
+            out[rows] = self.encoder.embed_text(batch, batch_size=batch_size, normalize=normalize, progress=False)
+            self.report(start + len(rows), len(texts))
+        return out
 
 
 # ------------------------------------------------------------------------------------------- index
@@ -172,7 +259,8 @@ class Backend:
         except AttentionUnsupported as e:
             self.heads, self.no_attention = 0, str(e)
         self.prototypes = None if encoder.has_text else self._prototypes()
-        self._classifier = functools.lru_cache(maxsize=64)(self._make_classifier)
+        self._classifiers: OrderedDict[tuple, tuple[ZeroShotClassifier, str]] = OrderedDict()  # LRU
+        self._classifiers_lock = threading.Lock()  # requests run in threads (the queue's concurrency)
         self._thumbnail = functools.lru_cache(maxsize=1024)(self._load_thumbnail)
 
     # ---------------------------------------------------------------- what the page explains
@@ -205,9 +293,34 @@ class Backend:
         examples = {c: imgs for c, imgs in examples.items() if imgs}
         return PrototypeClassifier(self.encoder, examples) if len(examples) >= 2 else None
 
-    def _make_classifier(self, labels: tuple[str, ...], templates: str) -> tuple[ZeroShotClassifier, str]:
-        clf = ZeroShotClassifier(self.encoder, labels, templates=templates)
-        warnings = [w["suggestion"] for w in check_labels(self.encoder, labels, templates)]
+    def _classifier(self, labels: tuple[str, ...], templates: str,
+                    progress: Callable) -> tuple[ZeroShotClassifier, str]:
+        """The zero-shot classifier and its warnings, from the last CLASSIFIERS label sets or made now.
+
+        Not ``functools.lru_cache``: ``progress`` belongs to the request, not to the cache key.
+        """
+        key = (labels, templates)
+        with self._classifiers_lock:
+            if key in self._classifiers:
+                self._classifiers.move_to_end(key)
+                return self._classifiers[key]
+        made = self._make_classifier(labels, templates, progress)
+        with self._classifiers_lock:
+            self._classifiers[key] = made
+            while len(self._classifiers) > CLASSIFIERS:
+                self._classifiers.popitem(last=False)
+        return made
+
+    def _make_classifier(self, labels: tuple[str, ...], templates: str,
+                         progress: Callable) -> tuple[ZeroShotClassifier, str]:
+        """Embed labels × templates (reported to ``progress``), then flag labels that embed almost alike."""
+        report = prompt_progress(progress, len(labels), len(TEMPLATE_SETS[templates]))
+        try:
+            clf = ZeroShotClassifier(ReportingText(self.encoder, report), labels, templates=templates)
+        except ValueError as e:  # repeated labels
+            raise gr.Error(str(e)) from None
+        clf.encoder = self.encoder  # the cached classifier keeps no request's progress
+        warnings = [w["suggestion"] for w in check_labels(self.encoder, labels, templates, weights=clf.weights)]
         return clf, "\n".join(f"- ⚠️ {w}" for w in warnings)
 
     # ---------------------------------------------------------------- images of the index
@@ -246,6 +359,7 @@ class Backend:
         return gallery, table, hits
 
     # ---------------------------------------------------------------- endpoints
+    @user_errors("zero-shot")
     def zero_shot(self, image: dict | None, labels: str | None, templates: str | None,
                   progress: gr.Progress = gr.Progress()) -> tuple[dict[str, float], str]:
         """Class probabilities for the image, and notes (downscaling, confusable labels)."""
@@ -254,20 +368,16 @@ class Backend:
             if templates not in TEMPLATE_SETS:
                 raise gr.Error(f"Unknown template set {templates!r}: choose one of {', '.join(TEMPLATE_SETS)}.")
             img, note = read_upload(image)
-            progress(0.1, desc=f"embedding {len(names)} labels × {len(TEMPLATE_SETS[templates])} templates")
-            try:
-                clf, warnings = self._classifier(tuple(names), templates)
-            except ValueError as e:  # repeated labels
-                raise gr.Error(str(e)) from None
+            clf, warnings = self._classifier(tuple(names), templates, progress)
         elif self.prototypes is not None:
             img, note = read_upload(image)
             clf, warnings = self.prototypes, ""
         else:
             raise gr.Error(self.zero_shot_info)
-        progress(0.8, desc="classifying")
         probs = clf.predict_proba([img])[0].tolist()
         return dict(zip(clf.classnames, probs)), "\n\n".join(t for t in (note, warnings) if t)
 
+    @user_errors("text search")
     def search_text(self, query: str | None, k: float | None = None) -> tuple[list, list]:
         """Indexed images closest to a text query: gallery and table."""
         if not self.encoder.has_text:
@@ -280,6 +390,7 @@ class Backend:
         gallery, table, _ = self._results(q, k or self.k)
         return gallery, table
 
+    @user_errors("image search")
     def search_image(self, image: dict | None, k: float | None = None) -> tuple[list, list, str]:
         """Indexed images closest to an uploaded image: gallery, table and notes."""
         if self.index is None:
@@ -288,6 +399,7 @@ class Backend:
         gallery, table, _ = self._results(self.encoder.embed_images([img], normalize=True).numpy(), k or self.k)
         return gallery, table, note
 
+    @user_errors("nearest neighbours")
     def neighbours(self, image: dict | None, k: float | None = None) -> tuple[list, dict | None, list, str]:
         """Nearest indexed images with their labels, the k-NN vote over those labels, table and notes."""
         if self.index is None:
@@ -308,6 +420,7 @@ class Backend:
             note = "\n\n".join(t for t in (note, "The index has no labels: no k-NN vote.") if t)
         return gallery, vote, table, note
 
+    @user_errors("attention")
     def attention(self, image: dict | None, head: str | None) -> tuple[Image.Image, str]:
         """The last layer's class-token attention (mean of heads, or one head) over the image."""
         if self.no_attention:
@@ -331,6 +444,15 @@ def _image_input(elem_id: str, label: str = "image") -> gr.Image:
 def _examples(files: Sequence[Path], target: gr.Image) -> None:
     if files:
         gr.Examples([[str(f)] for f in files], inputs=[target], label="examples")
+
+
+def _clears_errors(event: Any) -> None:
+    """When ``event`` succeeds, close the error toasts still on the page.
+
+    Gradio shows an error toast for 10 s, and two or more until the visitor closes them, so an old
+    "not an image" stayed beside the next, good result as if it were about that one.
+    """
+    event.success(None, js=CLEAR_ERRORS)
 
 
 def build_demo(model: str | Path | Encoder, index: str | Path | Index | None = None, data: str | Path | None = None,
@@ -383,10 +505,12 @@ def _zero_shot_tab(be: Backend, files: Sequence[Path]) -> None:
                                         visible=text, elem_id="zs-templates")
                 run = gr.Button("Classify", variant="primary", visible=text or few_shot, elem_id="zs-run")
             with gr.Column():
-                label = gr.Label(num_top_classes=5, label="probabilities", elem_id="zs-label")
+                # every label typed (parse_labels takes up to MAX_LABELS); a few-shot index: its first MAX_LABELS
+                label = gr.Label(num_top_classes=MAX_LABELS, label="probabilities", elem_id="zs-label")
                 notes = gr.Markdown(label="notes", elem_id="zs-notes")
         _examples(files, image)
-    run.click(be.zero_shot, [image, labels, templates], [label, notes], api_name="zero_shot", preprocess=False)
+    _clears_errors(run.click(be.zero_shot, [image, labels, templates], [label, notes], api_name="zero_shot",
+                             preprocess=False))
 
 
 def _retrieval_tab(be: Backend, files: Sequence[Path], k: int) -> None:
@@ -407,9 +531,10 @@ def _retrieval_tab(be: Backend, files: Sequence[Path], k: int) -> None:
                 gallery = gr.Gallery(label="results (similarity)", columns=4, elem_id="rt-gallery")
                 notes = gr.Markdown(label="notes", elem_id="rt-notes")
                 table = gr.Dataframe(headers=TABLE, label="table", elem_id="rt-table")
-    gr.on([by_text.click, query.submit], be.search_text, [query, count], [gallery, table], api_name="search_text",
-          preprocess=False)
-    by_image.click(be.search_image, [image, count], [gallery, table, notes], api_name="search_image", preprocess=False)
+    _clears_errors(gr.on([by_text.click, query.submit], be.search_text, [query, count], [gallery, table],
+                         api_name="search_text", preprocess=False))
+    _clears_errors(by_image.click(be.search_image, [image, count], [gallery, table, notes], api_name="search_image",
+                                  preprocess=False))
 
 
 def _neighbours_tab(be: Backend, files: Sequence[Path], k: int) -> None:
@@ -426,7 +551,8 @@ def _neighbours_tab(be: Backend, files: Sequence[Path], k: int) -> None:
                 gallery = gr.Gallery(label="neighbours (label · similarity)", columns=4, elem_id="nn-gallery")
                 notes = gr.Markdown(label="notes", elem_id="nn-notes")
                 table = gr.Dataframe(headers=TABLE, label="table", elem_id="nn-table")
-    run.click(be.neighbours, [image, count], [gallery, vote, table, notes], api_name="neighbours", preprocess=False)
+    _clears_errors(run.click(be.neighbours, [image, count], [gallery, vote, table, notes], api_name="neighbours",
+                             preprocess=False))
 
 
 def _attention_tab(be: Backend, files: Sequence[Path]) -> None:
@@ -444,7 +570,59 @@ def _attention_tab(be: Backend, files: Sequence[Path]) -> None:
             with gr.Column():
                 out = gr.Image(label="attention", type="pil", format="png", elem_id="at-output", height=360)
                 notes = gr.Markdown(label="notes", elem_id="at-notes")
-    run.click(be.attention, [image, head], [out, notes], api_name="attention", preprocess=False)
+    _clears_errors(run.click(be.attention, [image, head], [out, notes], api_name="attention", preprocess=False))
+
+
+# ------------------------------------------------------------------------------------------- serve
+def check_port(host: str, port: int) -> None:
+    """``InputError`` naming ``--port`` when ``host:port`` cannot be bound (another server holds it).
+
+    Checked before the model loads and the data is embedded (minutes for a large ``--data``), and in
+    sslhub's words: Gradio's own error advises its ``server_port`` argument and an environment variable.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is free
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as e:
+            raise InputError(_port_message(host, port, e.strerror or str(e))) from None
+
+
+def _port_message(host: str, port: int | None, reason: str) -> str:
+    if port is None:
+        return (f"cannot serve on {host} at any port from {FIRST_PORT} ({reason}): choose a free one with --port, "
+                "and check --host")
+    return (f"cannot serve on {host}:{port} ({reason}): choose another port with --port, or leave --port out "
+            f"to take the first free one from {FIRST_PORT}")
+
+
+def demo_command(model: Any, index: Any = None, data: Any = None, split: str | None = None,
+                 host: str = "127.0.0.1", port: int | None = None) -> str:
+    """The ``sslhub demo`` command line that serves this demo (``MODEL`` for an ``Encoder`` object)."""
+    args = ["sslhub", "demo", str(model) if isinstance(model, (str, Path)) else "MODEL"]
+    if isinstance(index, (str, Path)):
+        args += ["--index", str(index)]
+    if data is not None:
+        args += ["--data", str(data)]
+    if split not in (None, "train"):
+        args += ["--split", split]
+    if host != "127.0.0.1":
+        args += ["--host", host]
+    if port is not None:
+        args += ["--port", str(port)]
+    return shlex.join(args)
+
+
+def _announce(demo: gr.Blocks, command: str, share: bool) -> None:
+    """Where the demo is served, in sslhub's words, on stderr.
+
+    Gradio's own lines (hidden by ``quiet=True``) say "set `share=True` in `launch()`", which a
+    ``sslhub demo`` user never calls. Gradio still prints the public link itself when there is one.
+    """
+    print(f"sslhub demo: serving on {demo.local_url} (Ctrl-C stops it)", file=sys.stderr, flush=True)
+    if not share:
+        print(f"sslhub demo: for a public *.gradio.live link too, run {command} --share", file=sys.stderr, flush=True)
 
 
 def launch(model: str | Path | Encoder, index: str | Path | None = None, data: str | Path | None = None, *,
@@ -453,9 +631,19 @@ def launch(model: str | Path | Encoder, index: str | Path | None = None, data: s
     """Build the demo and serve it on ``host:port`` (default 127.0.0.1, a free port from 7860).
 
     ``share=True`` asks Gradio for a public link (off by default). ``block=False`` returns at once with
-    the server running in a background thread (``demo.close()`` stops it); ``options`` go to ``build_demo``.
+    the server running in a background thread (``demo.close()`` stops it) and prints nothing;
+    ``options`` go to ``build_demo``. A port that cannot be served raises ``InputError`` naming ``--port``
+    (given a ``port``, before anything loads).
     """
+    if port is not None:
+        check_port(host, port)
     demo = build_demo(model, index, data, **options)
-    demo.launch(server_name=host, server_port=port, share=share, ssr_mode=False, max_file_size=MAX_UPLOAD,
-                prevent_thread_lock=not block, quiet=not block)
+    try:
+        demo.launch(server_name=host, server_port=port, share=share, ssr_mode=False, max_file_size=MAX_UPLOAD,
+                    prevent_thread_lock=True, quiet=True)
+    except OSError as e:  # Gradio's "Cannot find empty port …": taken since check_port, or none free from 7860
+        raise InputError(_port_message(host, port, "in use")) from e
+    if block:
+        _announce(demo, demo_command(model, index, data, options.get("split"), host, port), share)
+        demo.block_thread()
     return demo
