@@ -20,40 +20,23 @@ import importlib
 import json
 import logging
 import sys
+from typing import Callable
 
 from sslhub._version import __version__
-from sslhub.apps import commands as C
 from sslhub.errors import SslhubError
-from sslhub.methods.registry import list_methods
-from sslhub.publish.push import push_command
-from sslhub.train.recipe import load_recipe
-from sslhub.train.trainer import train
+
+# What the commands do, imported when one runs: parsing (--help, a usage error) stays free of torch
+COMMANDS = "sslhub.apps.commands"
 
 
-def _train(args: argparse.Namespace) -> dict:
-    from pathlib import Path
+def _command(name: str) -> Callable[[argparse.Namespace], dict | None]:
+    """``sslhub.apps.commands.<name>``, imported on the first call."""
 
-    recipe = load_recipe(args.recipe, args.set)
-    out = args.out or str(Path("runs") / Path(args.recipe).stem)
-    return train(recipe, out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
+    def run(args: argparse.Namespace) -> dict | None:
+        return getattr(importlib.import_module(COMMANDS), name)(args)
 
-
-def _push(args: argparse.Namespace) -> dict:
-    return push_command(args)
-
-
-def _demo(args: argparse.Namespace) -> None:
-    # the demo needs the `demo` extra (gradio, imported at the top of sslhub.apps.demo): imported when it runs
-    launch = importlib.import_module("sslhub.apps.demo").launch
-    launch(args.model, index=args.index, data=args.data, split=args.split, host=args.host, port=args.port,
-           share=args.share)
-
-
-def _methods(args: argparse.Namespace) -> dict:
-    methods = {name: cls.paper for name, cls in list_methods().items()}
-    for name, paper in methods.items():
-        print(f"{name:12s} {paper}", file=sys.stderr)
-    return {"methods": methods}
+    run.__name__ = run.__qualname__ = name
+    return run
 
 
 def _data_args(p: argparse.ArgumentParser, train: bool = True) -> None:
@@ -81,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (without it, an existing run is never overwritten)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
-    t.set_defaults(func=_train)
+    t.set_defaults(func=_command("train"))
 
     e = sub.add_parser("eval", help="evaluate an encoder (JSON metrics on stdout)")
     esub = e.add_subparsers(dest="protocol", required=True)
@@ -93,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(k)
     k.add_argument("--k", type=int, nargs="+", default=[20, 200])
     k.add_argument("--temperature", type=float, default=0.07)
-    k.set_defaults(func=C.eval_knn)
+    k.set_defaults(func=_command("eval_knn"))
 
     lin = esub.add_parser("linear", help="logistic-regression probe (C chosen on held-out train), low-shot, fine-tune",
                           description="Example: sslhub eval linear --model runs/simclr/export --train "
@@ -104,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("--finetune-epochs", type=float, default=0, help="also fine-tune all layers (sslhub exports)")
     lin.add_argument("--finetune-lr", type=float, default=1e-3)
     lin.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay, e.g. 0.75 for ViTs")
-    lin.set_defaults(func=C.eval_linear)
+    lin.set_defaults(func=_command("eval_linear"))
 
     z = esub.add_parser("zeroshot", help="zero-shot classification with prompt templates",
                         description="Example: sslhub eval zeroshot --model OPEN_CLIP_FOLDER "
@@ -114,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--classes", help="comma-separated names or a file (default: the data's dataset.json classes)")
     z.add_argument("--templates", default="default",
                    help="default | imagenet | imagenet-simple | cifar | a file with one template per line")
-    z.set_defaults(func=C.eval_zeroshot)
+    z.set_defaults(func=_command("eval_zeroshot"))
 
     r = esub.add_parser("retrieval", help="image↔text recall@k (Flickr8k/COCO protocol)",
                         description="Example: sslhub eval retrieval --model OPEN_CLIP_FOLDER "
@@ -124,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--split", default="test")
     r.add_argument("--k", type=int, nargs="+", default=[1, 5, 10])
     r.add_argument("--workers", type=int, default=2)
-    r.set_defaults(func=C.eval_retrieval)
+    r.set_defaults(func=_command("eval_retrieval"))
 
     ix = sub.add_parser("index", help="build and search FAISS indexes of image embeddings")
     isub = ix.add_subparsers(dest="action", required=True)
@@ -137,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="index folder (written atomically)")
     b.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"])
     b.add_argument("--workers", type=int, default=2)
-    b.set_defaults(func=C.index_build)
+    b.set_defaults(func=_command("index_build"))
     s = isub.add_parser("search", help="query an index with text or images",
                         description='Example: sslhub index search --index runs/index --image cat.jpg --k 5')
     s.add_argument("--index", required=True)
@@ -146,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--text", nargs="+", help="text queries (needs a text tower)")
     q.add_argument("--image", nargs="+", help="image files")
     s.add_argument("--k", type=int, default=10)
-    s.set_defaults(func=C.index_search)
+    s.set_defaults(func=_command("index_search"))
 
     ph = sub.add_parser("push", help="publish a model folder on the Hugging Face Hub (safetensors + card)",
                         description="Example: sslhub push runs/simclr/export my-org/simclr-r18 --private. The endpoint "
@@ -157,13 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="create the repo private (an existing one keeps its visibility)")
     ph.add_argument("--revision", metavar="BRANCH", help="push to this branch (created from main if new)")
     ph.add_argument("--message", metavar="MSG", help="commit message")
-    ph.set_defaults(func=_push)
+    ph.set_defaults(func=_command("push"))
 
     c = sub.add_parser("cards", help="write MODEL_CARDS.md: the card template and an index of exports",
                        description="Example: sslhub cards --out MODEL_CARDS.md runs/*/export")
     c.add_argument("exports", nargs="*", help="export folders to index")
     c.add_argument("--out", default="MODEL_CARDS.md")
-    c.set_defaults(func=C.cards)
+    c.set_defaults(func=_command("cards"))
 
     d = sub.add_parser("demo", help="serve the Gradio demo: zero-shot, retrieval, neighbours, attention maps",
                        description="Example: sslhub demo open_clip:ViT-B-32/laion2b_s34b_b79k --data "
@@ -176,10 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, help="default: the first free port from 7860")
     d.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
     d.add_argument("--share", action="store_true", help="also ask Gradio for a public share link")
-    d.set_defaults(func=_demo)
+    d.set_defaults(func=_command("demo"))
 
     m = sub.add_parser("methods", help="list the registered methods")
-    m.set_defaults(func=_methods)
+    m.set_defaults(func=_command("methods"))
     return p
 
 

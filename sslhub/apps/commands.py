@@ -1,4 +1,5 @@
-"""What the ``sslhub`` sub-commands do; ``sslhub/apps/cli.py`` only parses arguments.
+"""What the ``sslhub`` sub-commands do; ``sslhub/apps/cli.py`` only parses arguments (and imports this
+module when a command runs, so that ``sslhub --help`` does not wait for torch).
 
 Each function takes the parsed arguments and returns the JSON-able result the CLI prints.
 """
@@ -6,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import sys
 from pathlib import Path
 
 from sslhub.data.sources import open_source
@@ -16,7 +19,35 @@ from sslhub.eval.labels import match_labels
 from sslhub.eval.linear import linear_probe, low_shot
 from sslhub.inference.load import load_encoder
 from sslhub.inference.retrieval import build_index, load_index
+from sslhub.methods.registry import list_methods
 from sslhub.publish.card import card_index
+from sslhub.publish.push import push_command
+from sslhub.train.recipe import load_recipe
+from sslhub.train.trainer import train as train_recipe
+
+
+def train(args: argparse.Namespace) -> dict:
+    recipe = load_recipe(args.recipe, args.set)
+    out = args.out or str(Path("runs") / Path(args.recipe).stem)
+    return train_recipe(recipe, out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
+
+
+def push(args: argparse.Namespace) -> dict:
+    return push_command(args)
+
+
+def demo(args: argparse.Namespace) -> None:
+    # the demo needs the `demo` extra (gradio, imported at the top of sslhub.apps.demo): imported when it runs
+    launch = importlib.import_module("sslhub.apps.demo").launch
+    launch(args.model, index=args.index, data=args.data, split=args.split, host=args.host, port=args.port,
+           share=args.share)
+
+
+def methods(args: argparse.Namespace) -> dict:
+    names = {name: cls.paper for name, cls in list_methods().items()}
+    for name, paper in names.items():
+        print(f"{name:12s} {paper}", file=sys.stderr)
+    return {"methods": names}
 
 
 def eval_knn(args: argparse.Namespace) -> dict:
