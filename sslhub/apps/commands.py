@@ -16,7 +16,7 @@ from sslhub.errors import InputError
 from sslhub.eval import protocols
 from sslhub.eval.finetune import finetune
 from sslhub.eval.labels import match_labels
-from sslhub.eval.linear import linear_probe, low_shot
+from sslhub.eval.linear import check_low_shot, linear_probe, low_shot
 from sslhub.inference.load import load_encoder
 from sslhub.inference.retrieval import build_index, load_index
 from sslhub.methods.registry import list_methods
@@ -63,6 +63,7 @@ def eval_linear(args: argparse.Namespace) -> dict:
     train = protocols.decode(enc, args.train, args.train_split, args.workers, "train")
     test = protocols.decode(enc, args.test, args.test_split, args.workers, "test")
     labels, keep, info = match_labels(train.classes, test.classes, test.labels, f"test data {args.test}")
+    check_low_shot(train.labels.numpy(), args.low_shot, "--low-shot", train.classes)  # before the features
     ftr, fte = protocols.features(enc, train), protocols.features(enc, test)[keep]
     out = {"model": args.model, "train": args.train, "test": args.test, **info,
            "linear": linear_probe(ftr, train.labels, fte, labels)}

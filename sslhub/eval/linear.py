@@ -6,7 +6,9 @@ strength C is chosen on a held-out part of the *training* split (never on the te
 model is refitted on the whole training split and scored once on the test split.
 
 Low-shot: the same probe trained on 1% / 10% of the training labels (a class-balanced, seeded subset),
-the semi-supervised protocol of SimCLR (Chen et al. 2020 §4.3) without fine-tuning.
+the semi-supervised protocol of SimCLR (Chen et al. 2020 §4.3) without fine-tuning. A fraction must keep
+at least two labels of every class (one to fit, one to hold out), else it is refused with a message
+saying which fraction would do (``check_low_shot``).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from sslhub.errors import InputError
 
 log = logging.getLogger("sslhub.eval")
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+MIN_PER_CLASS = 2  # labels of each class a low-shot subset keeps: one to fit, one held out to choose C
 
 
 def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int):
@@ -36,12 +39,38 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int):
 def balanced_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
     """Indices of ``fraction`` of each class (at least one per class), seeded."""
     rng = np.random.default_rng(seed)
-    idx = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        k = max(1, int(round(fraction * len(members))))
-        idx.append(rng.choice(members, size=k, replace=False))
+    classes, counts = np.unique(labels, return_counts=True)
+    idx = [rng.choice(np.flatnonzero(labels == c), size=k, replace=False)
+           for c, k in zip(classes, _kept_per_class(counts, fraction))]
     return np.sort(np.concatenate(idx))
+
+
+def _kept_per_class(counts: np.ndarray, fraction: float) -> np.ndarray:
+    """How many labels of each class (``counts`` of them) ``balanced_subset`` keeps: at least one."""
+    return np.maximum(1, np.rint(fraction * counts).astype(int))
+
+
+def check_low_shot(labels: np.ndarray, fractions, option: str = "low-shot fraction", classes=None) -> None:
+    """An ``InputError`` naming ``option`` (e.g. ``"--low-shot"``) unless every fraction is in (0, 1] and keeps
+    ``MIN_PER_CLASS`` labels of each class of ``labels``; ``classes`` names them in the message (index → name)."""
+    if len(fractions) == 0 or len(labels) == 0:
+        return
+    values, counts = np.unique(labels, return_counts=True)
+    rarest = int(counts.argmin())  # the class a fraction keeps fewest of
+    n = int(counts[rarest])
+    name = repr(classes[values[rarest]]) if classes is not None else str(values[rarest])
+    need = f"the probe needs {MIN_PER_CLASS} labels of each class (one to fit it, one held out to choose C)"
+    for f in fractions:
+        if not 0 < f <= 1:
+            raise InputError(f"{option} {f:g}: a fraction of the training labels must be in (0, 1], e.g. 0.01 or 0.1")
+        kept = int(_kept_per_class(counts, f)[rarest])
+        if kept >= MIN_PER_CLASS:
+            continue
+        if n < MIN_PER_CLASS:
+            raise InputError(f"{option} {f:g}: class {name} has {n} training label(s) in all and {need}; add labelled "
+                             "images of it or leave it out of the training data")
+        raise InputError(f"{option} {f:g} keeps {kept} label(s) of class {name} ({n} in the training data) and {need}: "
+                         f"use {option} {MIN_PER_CLASS / n:.3g} or more")
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -55,6 +84,9 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     perm = rng.permutation(len(ytr))
     n_val = max(len(np.unique(ytr)), int(val_fraction * len(ytr)))
     val, fit = perm[:n_val], perm[n_val:]
+    if len(np.unique(ytr[fit])) < 2:
+        raise InputError(f"linear probe: {len(ytr)} training labels are too few to hold out {n_val} for choosing C and "
+                         "fit on the rest with two classes or more; use more labelled training data")
     scores = {}
     for c in c_grid:
         clf = _fit(xtr[fit], ytr[fit], c, max_iter)
@@ -69,7 +101,8 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
 def low_shot(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
              fractions=(0.01, 0.1), seed: int = 0, **kw) -> dict:
-    """The linear probe on class-balanced ``fractions`` of the training labels."""
+    """The linear probe on class-balanced ``fractions`` of the training labels (see ``check_low_shot``)."""
+    check_low_shot(train_y.numpy(), fractions)
     out = {}
     for f in fractions:
         idx = torch.from_numpy(balanced_subset(train_y.numpy(), f, seed))
