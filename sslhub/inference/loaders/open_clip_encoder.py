@@ -14,11 +14,18 @@ after p never influence them. A batch therefore runs only up to ``L = max(p) + 1
 ``ln_final`` → pool at p → ``text_projection`` — exactly ``model.encode_text(ids)``, for a fraction
 of the cost when texts are short (zero-shot prompts are ~10–20 tokens). Towers it does not recognise
 (HF text towers, CoCa, bidirectional or ``last``/``first`` pooling) use ``model.encode_text``.
+
+open_clip logs to the root logger; while it builds a model its records are held back, and dropped for
+sslhub's own ``LoadError`` when the build fails (no "ERROR:root:Failed to download" before it).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -26,6 +33,8 @@ from torch import nn
 from sslhub import formats
 from sslhub.inference.loaders.base import Encoder, LoadError, read_json
 from sslhub.inference.loaders.hub import download_error, is_network_error, network_guard
+
+log = logging.getLogger(__name__)
 
 
 def trim_unsupported_reason(model: nn.Module) -> str | None:
@@ -118,10 +127,46 @@ class OpenClipEncoder(Encoder):
             warnings.warn(f"{self.name}: {self.trim_reason}; using the full encode_text", stacklevel=4)
 
 
+@contextlib.contextmanager
+def held_open_clip_logs() -> Iterator[None]:
+    """Hold what open_clip logs (to the root logger) during the block: passed on to the root logger's handlers
+    after a success, logged at DEBUG after a failure (sslhub's error says what went wrong).
+
+    A handler is on the root logger meanwhile: ``logging.error`` would otherwise install a stderr one
+    (``basicConfig``) in the user's process.
+    """
+    import open_clip
+
+    package = os.path.dirname(open_clip.__file__) + os.sep
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if record.pathname.startswith(package):
+            held.append(record)
+            return False
+        return True
+
+    root, guard = logging.getLogger(), logging.NullHandler()
+    root.addHandler(guard)
+    root.addFilter(hold)
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        root.removeFilter(hold)
+        root.removeHandler(guard)
+        for record in held:
+            if failed:
+                log.debug("open_clip: %s", record.getMessage())
+            else:
+                root.handle(record)
+
+
 def _build(fn, name: str, local: bool):
     net = None
     try:
-        with network_guard() as net:
+        with held_open_clip_logs(), network_guard() as net:
             return fn()
     except LoadError:
         raise

@@ -12,11 +12,18 @@ a folder without one gets the family's usual mean/std at ``config.image_size``, 
 Text needs tokenizer files in the folder (``AutoTokenizer``). In transformers 5 ``get_*_features``
 return a ``BaseModelOutputWithPooling`` whose ``pooler_output`` is the projected embedding; older
 versions return the tensor itself — both are handled.
+
+transformers' own loading output (a progress bar, a colour-coded report of unused weights) is kept off
+stderr: weights missing from ``model.safetensors`` or of another shape are a ``LoadError``, unused ones
+are logged at DEBUG.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -28,6 +35,7 @@ OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model")
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resample codes
+log = logging.getLogger(__name__)
 
 
 def _pooled(out) -> torch.Tensor:
@@ -167,18 +175,49 @@ def _tokenizer(folder: Path, name: str):
         raise LoadError(f"{name}: tokenizer files found but not loadable ({type(e).__name__}: {e})") from e
 
 
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' warnings (its load report) and progress bars off for the block, as they were after it."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars_on, hub_bars_off = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(),
+                                        are_progress_bars_disabled())
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # transformers' and huggingface_hub's
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars_on:
+            hf_logging.enable_progress_bar()
+            if hub_bars_off:
+                disable_progress_bars()
+
+
 def load_transformers_folder(folder: Path, name: str) -> TransformersEncoder:
     import transformers
 
     model_type = read_json(folder / formats.CONFIG)["model_type"]
     cls_name, enc_cls, overrides, dim_of = FAMILIES[model_type]
     try:
-        model, info = getattr(transformers, cls_name).from_pretrained(
-            str(folder), use_safetensors=True, local_files_only=True, output_loading_info=True, **overrides)
+        with quiet_loading():  # what its report would say is checked below
+            model, info = getattr(transformers, cls_name).from_pretrained(
+                str(folder), use_safetensors=True, local_files_only=True, output_loading_info=True,
+                ignore_mismatched_sizes=True, **overrides)
     except Exception as e:  # OSError (files), ValueError/RuntimeError (config or shapes)
         raise LoadError(f"{name}: transformers could not load {cls_name} ({type(e).__name__}: {e})") from e
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
         raise LoadError(f"{name}: model.safetensors does not fit {cls_name}: {len(missing)} weights missing "
                         f"(e.g. {missing[:3]}); was it saved from another model class?")
+    if info.get("mismatched_keys"):
+        key, saved, built = sorted(info["mismatched_keys"])[0]
+        raise LoadError(f"{name}: model.safetensors does not fit {cls_name} built from config.json: "
+                        f"{len(info['mismatched_keys'])} weights of another shape (e.g. {key}: {tuple(saved)} saved, "
+                        f"{tuple(built)} built); do the config and the weights belong together?")
+    if info.get("unexpected_keys"):
+        unused = sorted(info["unexpected_keys"])
+        log.debug("%s: %d weights of model.safetensors not used by %s (e.g. %s)", name, len(unused), cls_name,
+                  unused[:3])
     return enc_cls(model, folder, name, dim_of(model.config))
