@@ -36,8 +36,9 @@ def without_batchnorm(method: Method) -> Method:
     return method
 
 
-def flat_grads(params: list[nn.Parameter]) -> torch.Tensor:
-    return torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel()) for p in params])
+def named_grads(method: Method) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            for n, p in method.named_parameters() if p.requires_grad}
 
 
 def batches(images: torch.Tensor, texts: list[str], step: int, chunks: int, needs_text: bool) -> list[Batch]:
@@ -60,7 +61,7 @@ def run_trainer_steps(method: Method, images, texts, chunks: int) -> list[dict]:
     out = []
     for s in range(STEPS):
         logged = accumulate_gradients(method, groups, batches(images, texts, s, chunks, method.needs_text))
-        grads = flat_grads(params)
+        grads = named_grads(method)
         apply_update(method, opts, params, s, STEPS, clip_grad=1.0)  # unit-norm steps, as the 2-process test
         out.append({"loss": logged["loss"], "grads": grads, "state": state(method)})
     return out
@@ -76,16 +77,14 @@ def run_reference_steps(method: Method, images, texts, chunks: int) -> list[dict
         losses, grads = [], []
         for batch in batches(images, texts, s, chunks, method.needs_text):
             twin = copy.deepcopy(method)
-            twin_params = [p for p in twin.parameters() if p.requires_grad]
             res = twin.loss(batch)
             res["loss"].backward()
             losses.append(float(res["loss"].detach()))
-            grads.append(flat_grads(twin_params))
-        mean_grad = torch.stack(grads).mean(0)
-        offset = 0
-        for p in params:
-            p.grad = mean_grad[offset:offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
+            grads.append(named_grads(twin))
+        mean_grad = {n: torch.stack([g[n] for g in grads]).mean(0) for n in grads[0]}
+        for n, p in method.named_parameters():
+            if p.requires_grad:
+                p.grad = mean_grad[n].clone()
         apply_update(method, opts, params, s, STEPS, clip_grad=1.0)  # unit-norm steps, as the 2-process test
         out.append({"loss": sum(losses) / len(losses), "grads": mean_grad, "state": state(method)})
     return out
