@@ -27,6 +27,7 @@ from sslhub.errors import SslhubError
 
 # What the commands do, imported when one runs: parsing (--help, a usage error) stays free of torch
 COMMANDS = "sslhub.apps.commands"
+RECIPES = "sslhub.train.recipe"  # torch-free: a recipe's top level is checked before anything heavy is imported
 
 
 def _command(name: str) -> Callable[[argparse.Namespace], dict | None]:
@@ -37,6 +38,13 @@ def _command(name: str) -> Callable[[argparse.Namespace], dict | None]:
 
     run.__name__ = run.__qualname__ = name
     return run
+
+
+def _train(args: argparse.Namespace) -> dict | None:
+    """The recipe is read and checked before the trainer (torch) is imported: an error in its top level (data,
+    optim, train, eval, encoder) is reported in well under a second."""
+    recipe = importlib.import_module(RECIPES).load_recipe(args.recipe, args.set)
+    return importlib.import_module(COMMANDS).train(args, recipe)
 
 
 def _data_args(p: argparse.ArgumentParser, train: bool = True) -> None:
@@ -64,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (without it, an existing run is never overwritten)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
-    t.set_defaults(func=_command("train"))
+    t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="evaluate an encoder (JSON metrics on stdout)")
     esub = e.add_subparsers(dest="protocol", required=True)

@@ -22,12 +22,13 @@ from sslhub.inference.retrieval import build_index, load_index
 from sslhub.methods.registry import list_methods
 from sslhub.publish.card import card_index
 from sslhub.publish.push import push_command
-from sslhub.train.recipe import load_recipe
+from sslhub.train.recipe import Recipe, load_recipe
 from sslhub.train.trainer import train as train_recipe
 
 
-def train(args: argparse.Namespace) -> dict:
-    recipe = load_recipe(args.recipe, args.set)
+def train(args: argparse.Namespace, recipe: Recipe | None = None) -> dict:
+    """``sslhub train``; ``recipe`` when the caller has already read ``args.recipe`` with ``args.set``."""
+    recipe = recipe if recipe is not None else load_recipe(args.recipe, args.set)
     out = args.out or str(Path("runs") / Path(args.recipe).stem)
     return train_recipe(recipe, out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
 

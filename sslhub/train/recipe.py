@@ -4,10 +4,14 @@ A recipe has a fixed, typed top level (``encoder``, ``data``, ``optim``, ``train
 ``method_args`` block typed by the chosen method's own ``Config`` dataclass.  ``--set a.b=value``
 overrides any key; the value is parsed as YAML (``--set optim.lr=0.1``, ``--set
 encoder.cifar_stem=false``, ``--set method_args.views.scale=[0.2,1.0]``).
+
+This module imports no torch: the top level is checked first, so its errors come in well under a second;
+the methods (and torch) are imported for ``method_args``, typed by the method's ``Config``.
 """
 from __future__ import annotations
 
 import copy
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -15,8 +19,9 @@ from typing import Any, Literal, Optional
 import yaml
 
 from sslhub.config import ConfigError, check, from_dict, to_dict
-from sslhub.methods.registry import get_method
-from sslhub.models.backbone import EncoderConfig
+from sslhub.models.encoder_config import EncoderConfig
+
+METHODS = "sslhub.methods"  # importing it registers every method (and imports torch): done once the rest is checked
 
 
 @dataclass
@@ -172,12 +177,12 @@ def recipe_from_dict(raw: dict, where: str = "recipe", overrides: list[str] | No
     try:
         if "method" not in raw:
             raise ConfigError(f"{where}: missing required key 'method' (one of `sslhub methods`)", "method", where)
-        try:
-            method_cls = get_method(raw["method"])
-        except KeyError as e:
-            raise ConfigError(f"{where}: method: {e.args[0]}", "method", where) from None
         method_args = raw.pop("method_args", None) or {}
         recipe = from_dict(Recipe, raw, where)
+        try:
+            method_cls = importlib.import_module(METHODS).get_method(raw["method"])
+        except KeyError as e:
+            raise ConfigError(f"{where}: method: {e.args[0]}", "method", where) from None
         recipe.method_args = from_dict(method_cls.Config, method_args, where, prefix="method_args.")
     except ConfigError as e:
         raise _blame_override(e, overrides or [], [k for k, _ in given]) from None
