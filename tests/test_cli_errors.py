@@ -77,3 +77,16 @@ def test_cli_resume_with_another_method_or_architecture(tmp_path, capsys):
                      "encoder.model_args.channels=[8,8,8,16]", "--out", out, "--resume")
     assert "encoder.arch: 'resnet18' → 'resnet34'" in line and "encoder.model_args.channels" in line
     assert "method:" not in line
+
+
+def test_ctrl_c_outside_training_is_one_line(monkeypatch, capsys):
+    """Ctrl-C while a command loads or evaluates (the training loop has its own: tests/test_guard.py)."""
+    from sslhub.apps import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_train", interrupted)
+    assert cli.main(["train", "recipes/simclr_cifar10.yaml"]) == 130
+    err = capsys.readouterr().err
+    assert err == "sslhub: interrupted (Ctrl-C) during `sslhub train`\n"

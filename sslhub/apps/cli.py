@@ -187,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sslhub: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside a training loop (that one stops between steps and saves): nothing to keep
+        if args.verbose:
+            raise
+        print(f"sslhub: interrupted (Ctrl-C) during `sslhub {args.command}`", file=sys.stderr)
+        return 130
     if result:
         print(json.dumps(result))
     return 0
