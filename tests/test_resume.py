@@ -1,4 +1,5 @@
 """SIGKILL mid-run + --resume ends with the weights of an uninterrupted run; a crash mid-write loses nothing."""
+import json
 import os
 import re
 import signal
@@ -6,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import torch
 from conftest import REPO, TINY
@@ -51,9 +53,13 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     killed_at = load_state(ckpt)["step"]
     assert 4 <= killed_at < 10, "the run should have been killed mid-way"
     assert not (run / "export").exists()
-    res = train(run, "--resume")
+    count = tmp_path / "count.json"
+    res = subprocess.run([sys.executable, str(REPO / "tests/counting_cli.py"), str(count), "train", *ARGS, "--out",
+                          str(run), "--resume"], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert f"resumed from {ckpt} at step {killed_at}/10" in res.stderr
+    steps_run = json.loads(Path(f"{count}.rank0").read_text())
+    assert steps_run == list(range(killed_at, 10)), "the resumed run computed only the steps not done"
     assert_same(weights(run), weights(tmp_path / "ref"))
     steps = [int(line.split(",")[0]) for line in (run / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == list(range(1, 11)), "metrics.csv keeps one row per step across the restart"
@@ -106,3 +112,37 @@ def test_non_finite_loss_stops_with_a_way_forward(tmp_path, capsys):
     assert rc == 2 and re.search(r"loss is (nan|-?inf) at step \d+: training stopped", err)
     assert "no healthy checkpoint was written before it" in err and "--overwrite --set optim.lr=1e+29" in err
     assert not (tmp_path / "run" / "export").exists()
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+            "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0"]
+
+
+def test_resume_under_torchrun_bf16_across_an_epoch_boundary_skips_the_done_steps(tmp_path):
+    """2 processes, bf16 autocast, 1000 images at batch 128 (7 steps an epoch): a crash as step 5 starts, then
+    --resume runs steps 5–9 only (each process's loss counted), crossing into epoch 2, and ends with the weights
+    of an uninterrupted run."""
+    args = ["train", str(REPO / "recipes/simclr_cifar10.yaml"), "--set", "encoder.model_args.channels=[8,8,8,8]",
+            "--set", "data.batch_size=128", "--set", "data.num_workers=0", "--set", "method_args.views.size=16",
+            "--set", "train.max_steps=10", "--set", "train.ckpt_every=1", "--set", "train.precision=bf16",
+            "--set", "eval.knn.test=", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    worker = [*TORCHRUN, str(REPO / "tests/counting_cli.py")]
+
+    def counted(name):
+        return [json.loads((tmp_path / f"{name}.json.rank{r}").read_text()) for r in (0, 1)]
+
+    ref = subprocess.run([*worker, str(tmp_path / "ref.json"), *args, "--out", str(tmp_path / "ref")], env=env,
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert counted("ref") == [list(range(10))] * 2
+    crash = subprocess.run([*worker, str(tmp_path / "crash.json"), *args, "--out", str(tmp_path / "run")],
+                           env={**env, "SSLHUB_TEST_DIE_AT": "5"}, cwd=REPO, capture_output=True, text=True,
+                           timeout=600)
+    assert crash.returncode != 0 and not (tmp_path / "run" / "export").exists()
+    res = subprocess.run([*worker, str(tmp_path / "resumed.json"), *args, "--out", str(tmp_path / "run"), "--resume"],
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "at step 5/10" in res.stderr
+    assert counted("resumed") == [list(range(5, 10))] * 2, "the resumed run computed only the steps not done"
+    assert_same(weights(tmp_path / "run"), weights(tmp_path / "ref"))
