@@ -1,4 +1,7 @@
-"""Optimisers (AdamW, SGD, LARS) and the per-step cosine schedule with linear warm-up."""
+"""Optimisers (AdamW, SGD, LARS), their weight-decay groups and the batch scaling of the learning rate.
+
+The per-step warm-up + cosine schedule is :func:`sslhub.schedules.cosine_schedule`.
+"""
 from __future__ import annotations
 
 import math
@@ -12,19 +15,28 @@ from sslhub.train.recipe import OptimConfig
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and a layer-wise trust ratio (You et al. 2017, https://arxiv.org/abs/1708.03888).
 
-    As in SimCLR/BYOL, parameter groups with ``lars_exclude=True`` (biases, norm layers) get
-    neither weight decay nor the trust ratio.
+    Per tensor, as BYOL's LARS (and SimCLR's, whose trust ratio is the same)::
+
+        d = g + wd·w;  trust = η·‖w‖/‖d‖ (1 when ‖w‖ or ‖d‖ is 0);  buf = m·buf + trust·d;  w ← w − lr·buf
+
+    The trust ratio divides by the norm of the decayed gradient ‖g + wd·w‖ (SimCLR, BYOL), not by
+    ‖g‖ + wd·‖w‖ (the paper's eq. 6, lightly).  The lr multiplies the whole buffer (BYOL, PyTorch's SGD);
+    SimCLR multiplies it into each new term, the same at a constant lr.  As in SimCLR/BYOL, parameter
+    groups with ``lars_exclude=True`` (biases, norm layers) get neither weight decay nor the trust ratio.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001, eps: float = 1e-8):
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        trust_coefficient=trust_coefficient, eps=eps, lars_exclude=False)
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                    "trust_coefficient": trust_coefficient, "eps": eps, "lars_exclude": False}
         super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = closure() if closure is not None else None
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():  # the closure runs its own backward
+                loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
