@@ -5,6 +5,13 @@ centres, EMA targets, Sinkhorn sums, BN statistics) is checked too, not only the
 are kept per parameter tensor and compared with a tolerance scaled to that tensor; normalisation weights
 that timm initialises to zero (the last BN of each residual branch) start at 1 here, so every residual
 convolution has a gradient worth comparing from the first step.
+
+Every ``nn.ReLU`` of the network is a softplus here: the comparison is of derivatives, and a ReLU whose input
+lies within float32 rounding of 0 has a derivative (0 or 1) that the order of the sums decides.  That happened
+to BYOL's second step: one pre-activation of ``layer1.0`` is +4.5e-7 in float64, +1.2e-7 in two processes and
+−1.2e-7 in one (two BN outputs of ±1.0554 cancelling), so one process dropped that element's gradient and its
+step-1 gradients were 2 % off the float64 ones, the two processes' 4e-5.  With a smooth activation the
+float32 rounding moves the gradients in proportion, and the per-tensor tolerance keeps its meaning.
 """
 import dataclasses
 import sys
@@ -54,10 +61,20 @@ def build(name: str, workdir: str = ".", extra_args: dict | None = None):
         w = getattr(mod, "weight", None)
         if isinstance(mod, torch.nn.modules.batchnorm._NormBase) and w is not None and not w.detach().any():
             torch.nn.init.ones_(w)
+    smooth_activations(m)
     m.configure(steps_per_epoch=1, max_steps=STEPS)
     if D.is_dist():
         m.convert_batchnorm()
     return m
+
+
+def smooth_activations(module: torch.nn.Module) -> None:
+    """Every ``nn.ReLU`` in ``module`` (online, target and teacher copies alike) becomes ``nn.Softplus``."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.ReLU):
+            setattr(module, name, torch.nn.Softplus())
+        else:
+            smooth_activations(child)
 
 
 def captions(n: int) -> list[str]:
