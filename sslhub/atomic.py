@@ -9,7 +9,9 @@ two renames leave ``folder`` absent for an instant (never half-written). Every f
 disk (fsync) before the swap. Used for checkpoints, exports, indexes and caches.
 
 The new file or folder gets the permissions a plain ``open(path, "w")`` or ``mkdir`` would give it
-(0644 / 0755 under umask 022): an export or index is readable by whoever may read its parent folder.
+(0644 / 0755 under umask 022): an export or index is readable by whoever may read its parent folder.  That
+holds whatever the writer does: safetensors' ``save_file`` creates its file 0600, so every file written is
+given the umask's mode before it is moved into place.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     tmp = str(_new_sibling(path, ".tmp", _create_file))
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -48,14 +51,31 @@ def replace_folder(final: str | Path, build: Callable[[Path], None]) -> Path:
     tmp = _new_sibling(final, "", os.mkdir)
     try:
         build(tmp)
-        for f in tmp.rglob("*"):  # on disk before the swap
-            if f.is_file():
+        umask = _umask()
+        for f in tmp.rglob("*"):  # on disk before the swap, with the modes open() and mkdir() would give
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, 0o666 & ~umask)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+            elif f.is_dir() and not f.is_symlink():
+                os.chmod(f, 0o777 & ~umask)
         _swap_in(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed build, or the old folder after the swap
     return final
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: read by setting it, and set it back at once
+    os.umask(mask)
+    return mask
 
 
 def _create_file(path: Path) -> None:

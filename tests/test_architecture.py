@@ -21,7 +21,8 @@ SHIMS = {"sslhub.zeroshot", "sslhub.retrieval", "sslhub.hub", "sslhub.trainer"} 
 # third-party libraries that only some extras install, or heavy ones kept out of `import sslhub`:
 # imported inside the functions that need them
 OPTIONAL = ("open_clip", "transformers", "faiss", "gradio", "gradio_client", "matplotlib", "sklearn",
-            "torch.utils.tensorboard", "lightly", "huggingface_hub", "timm", "safetensors", "PIL")
+            "torch.utils.tensorboard", "lightly", "huggingface_hub", "timm", "safetensors", "PIL",
+            "httpx2")  # huggingface_hub's HTTP client, imported with it
 
 
 def all_modules() -> list[str]:

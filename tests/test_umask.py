@@ -50,3 +50,18 @@ def test_a_saved_index_is_readable_as_the_umask_allows(tmp_path, umask):
     path = build_index(x, kind="flat", progress=False).save(tmp_path / "index")
     assert mode(path) == 0o777 & ~umask
     assert {mode(f) for f in path.iterdir()} == {0o666 & ~umask}
+
+
+def test_safetensors_exports_and_checkpoints_get_the_umask(tmp_path, umask):
+    """safetensors' save_file makes its file 0600 whatever the umask: the export and checkpoint writers fix it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sslhub.train.checkpoint import save_state
+
+    # the export writer's build step: safetensors' save_file into the folder built aside
+    folder = replace_folder(tmp_path / "export", lambda tmp: save_file({"w": torch.zeros(2)}, tmp / "model.safetensors"))
+    save_state(tmp_path / "ckpt.safetensors", {"model": {"w": torch.zeros(2)}, "step": 1})
+    save_file({"w": torch.zeros(2)}, tmp_path / "plain.safetensors")  # what the writers would give on their own
+    assert mode(folder / "model.safetensors") == mode(tmp_path / "ckpt.safetensors") == 0o666 & ~umask
+    assert mode(folder) == 0o777 & ~umask

@@ -33,6 +33,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from sslhub import formats
 from sslhub.errors import SslhubError
 from sslhub.inference.loaders import hub as network
@@ -222,8 +224,6 @@ class UploadProgress:
 
     def report(self, path: str, done: int) -> None:
         """``done`` bytes of ``path`` have been sent (a retry that sends them again does not count twice)."""
-        from tqdm.auto import tqdm
-
         with self._lock:
             done, size = min(done, self.sizes[path]), self.sizes[path]
             if done <= self.sent[path]:
