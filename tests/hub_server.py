@@ -22,7 +22,12 @@ of the Hub API that huggingface_hub 2.4.0 calls for ``create_repo``, ``create_br
     POST     /api/models/{repo}/commit/{rev}        ndjson: header, file (base64), lfsFile (an uploaded object),
                                                     deletedFile, deletedFolder
     HEAD/GET /{repo}/resolve/{rev}/{path}           X-Repo-Commit, ETag (git blob sha1), Content-Length;
-                                                    ``Range: bytes=a-[b]`` answers 206 (download resume)
+                                                    ``Range: bytes=a-[b]`` answers 206 (download resume);
+                                                    an LFS file (the preupload rule) answers 302, as the Hub
+                                                    does: X-Linked-Etag (its sha256), X-Linked-Size and
+                                                    Location, an absolute URL of the storage below
+                                                    (named ``localhost``: another host, as the CDN is)
+    HEAD/GET /lfs-files/{repo}/{blob}?path=P        the object's bytes (the Hub's CDN), Range as above
 
 A revision is a branch or a full 40-hex commit sha; branch names with "/" are not supported.
 Errors are answered the way the Hub answers them, so the client raises its usual exceptions: an unknown
@@ -68,6 +73,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlencode
 
 import uvicorn
 import yaml
@@ -214,6 +220,7 @@ class HubServer:
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header), in order
         self._broken: dict[tuple[str, str], int] = {}  # (repo_id, path) → GETs left to cut short
         self.lfs = True  # preupload sends weights and large files through LFS, as the Hub does
+        self.lfs_redirects = 0  # downloads of LFS files answered with the Hub's redirect
         self._tickets: dict[str, tuple[str, str, int]] = {}  # LFS upload ticket → (repo_id, oid, size)
         self._sock = _free_socket()
         self.port = self._sock.getsockname()[1]
@@ -508,26 +515,49 @@ class HubServer:
             if blob_id is None:
                 raise HubError(404, "Entry not found", "EntryNotFound", commit=sha)
             data = store.blob(blob_id)
-            headers = {"X-Repo-Commit": sha, "ETag": f'"{blob_id}"', "Accept-Ranges": "bytes",
-                       "Content-Type": "application/octet-stream"}
-            start, end, status = 0, len(data) - 1, 200
-            wanted = request.headers.get("range")
-            if wanted:
-                m = re.fullmatch(r"bytes=(\d+)-(\d*)", wanted.strip())
-                if not m or int(m.group(1)) >= len(data):
-                    raise HubError(416, f"Range not satisfiable: {wanted} (size {len(data)})")
-                start, end, status = int(m.group(1)), min(int(m.group(2) or end), end), 206
-                headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-            headers["Content-Length"] = str(end - start + 1)
-            if request.method == "HEAD":
-                return Response(status_code=status, headers=headers)
-            left = self._broken.get((f"{org}/{name}", path), 0)
-            if left > 0:
-                self._broken[(f"{org}/{name}", path)] = left - 1
-                return _CutResponse(data[start:max(start, len(data) // 2)], status, headers)
-            return Response(data[start:end + 1], status_code=status, headers=headers)
+            if self.lfs and (path.endswith(LFS_SUFFIXES) or len(data) >= LFS_MIN_SIZE):
+                # the Hub sends an LFS file's bytes from its storage: a redirect whose headers carry the
+                # object's sha256 and size, which the client reads from the 302 itself (no redirect followed)
+                # another host name for the same loopback server, as the Hub's CDN is another host: the client
+                # reads the metadata from the 302 and sends its GET there without the Authorization header
+                where = f"http://localhost:{self.port}/lfs-files/{org}/{name}/{blob_id}?{urlencode({'path': path})}"
+                self.lfs_redirects += 1
+                return Response(status_code=302, headers={
+                    "Location": where, "X-Repo-Commit": sha, "ETag": f'"{blob_id}"',
+                    "X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Linked-Size": str(len(data)),
+                    "Content-Length": "0"})
+            return self._serve(request, f"{org}/{name}", path, data, {"X-Repo-Commit": sha, "ETag": f'"{blob_id}"'})
+
+        @app.api_route("/lfs-files/{org}/{name}/{blob_id}", methods=["GET", "HEAD"])
+        def lfs_file(request: Request, org: str, name: str, blob_id: str) -> Response:
+            """The storage an LFS redirect points to; like the Hub's signed CDN URLs it needs no token."""
+            if not re.fullmatch(r"[0-9a-f]{40}", blob_id):
+                raise HubError(404, "Entry not found", "EntryNotFound")
+            data = store.blob(blob_id)
+            return self._serve(request, f"{org}/{name}", request.query_params.get("path", ""), data,
+                               {"ETag": f'"{hashlib.sha256(data).hexdigest()}"'})
 
         return app
+
+    def _serve(self, request: Request, repo_id: str, path: str, data: bytes, extra: dict[str, str]) -> Response:
+        """A file's bytes, with ``Range`` (206) and the ``break_downloads`` fault switch."""
+        headers = {**extra, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        start, end, status = 0, len(data) - 1, 200
+        wanted = request.headers.get("range")
+        if wanted:
+            m = re.fullmatch(r"bytes=(\d+)-(\d*)", wanted.strip())
+            if not m or int(m.group(1)) >= len(data):
+                raise HubError(416, f"Range not satisfiable: {wanted} (size {len(data)})")
+            start, end, status = int(m.group(1)), min(int(m.group(2) or end), end), 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        headers["Content-Length"] = str(end - start + 1)
+        if request.method == "HEAD":
+            return Response(status_code=status, headers=headers)
+        left = self._broken.get((repo_id, path), 0)
+        if left > 0:
+            self._broken[(repo_id, path)] = left - 1
+            return _CutResponse(data[start:max(start, len(data) // 2)], status, headers)
+        return Response(data[start:end + 1], status_code=status, headers=headers)
 
 
 class _CutResponse(Response):
