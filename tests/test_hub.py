@@ -413,6 +413,27 @@ def test_push_refuses_folders_and_targets_it_cannot_publish(hub, tmp_path, sslhu
         push_to_hub(sslhub_export, "someone-else/x")
 
 
+def test_push_refuses_a_link_to_a_file_outside_the_folder(hub, tmp_path, sslhub_export):
+    """A symlink in an export (say, to ~/.ssh/id_rsa or a token file) would publish that file: refused before
+    anything is sent; a link to a file inside the folder is its own file and is published."""
+    secret = tmp_path / "elsewhere" / "token.txt"
+    secret.parent.mkdir()
+    secret.write_text("hf_not_for_the_hub")
+    folder = tmp_path / "linked"
+    folder.mkdir()
+    for p in sslhub_export.iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "notes.txt").symlink_to(secret)
+    n = len(hub.requests)
+    with pytest.raises(PushError, match=r"holds links to files outside it \(notes.txt → .*token.txt\)"):
+        push_to_hub(folder, f"{USER}/linked")
+    assert not [r for r in hub.requests[n:] if r[0] != "GET"], "nothing was sent"
+    (folder / "notes.txt").unlink()
+    (folder / "card.md").symlink_to(folder / "README.md")  # inside the folder: fine
+    push_to_hub(folder, f"{USER}/linked")
+    assert hub.files(f"{USER}/linked")["card.md"] == (folder / "README.md").read_bytes()
+
+
 def test_token_is_never_printed_logged_or_pushed(hub, timm_folder, monkeypatch, capfd, caplog):
     """The token given as an argument (API) and in HF_TOKEN (CLI), at the most verbose log level."""
     secret = "hf_leakCheck" + secrets.token_hex(12)

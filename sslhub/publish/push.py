@@ -116,6 +116,12 @@ def publishable_files(folder: Path) -> tuple[Encoder, list[tuple[str, Path]]]:
                         "e.g. runs/simclr/export)")
     files = [(p.relative_to(folder).as_posix(), p) for p in sorted(folder.rglob("*"))
              if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    root = folder.resolve()
+    outside = [f"{rel} → {p.resolve()}" for rel, p in files if not p.resolve().is_relative_to(root)]
+    if outside:  # a link would publish a file from elsewhere on this machine (a key, a token, another model)
+        raise PushError(f"{what} holds links to files outside it ({'; '.join(outside[:3])}"
+                        f"{' …' if len(outside) > 3 else ''}): only the folder's own files are published. Replace "
+                        "each link with a copy of the file if it belongs to the model, or remove it")
     layout.detect_layout(folder, what)  # a folder of pickles only is refused here, with the conversion recipe
     pickles = [rel for rel, _ in files if rel.endswith(formats.PICKLE_SUFFIXES)]
     if pickles:
