@@ -146,3 +146,22 @@ def test_resume_under_torchrun_bf16_across_an_epoch_boundary_skips_the_done_step
     assert "at step 5/10" in res.stderr
     assert counted("resumed") == [list(range(5, 10))] * 2, "the resumed run computed only the steps not done"
     assert_same(weights(tmp_path / "run"), weights(tmp_path / "ref"))
+
+
+def test_each_process_draws_its_own_augmentations_and_a_rerun_draws_them_again():
+    """The generator of a step is seeded with (seed, step, rank): two processes at the same step draw different
+    crops (identical draws would correlate the augmentations of the global batch), and the same process at
+    the same step draws the same ones again (what makes --resume exact)."""
+    from sslhub.data.augment import BatchAugment, ViewConfig
+    from sslhub.train.trainer import step_seed
+
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    views = BatchAugment(ViewConfig(size=16))
+
+    def draw(seed, step, rank):
+        return views(images, torch.Generator().manual_seed(step_seed(seed, step, rank)))
+
+    assert torch.equal(draw(0, 3, 1), draw(0, 3, 1))
+    assert not torch.allclose(draw(0, 3, 0), draw(0, 3, 1))
+    assert not torch.allclose(draw(0, 3, 0), draw(0, 4, 0)) and not torch.allclose(draw(0, 3, 0), draw(1, 3, 0))
+    assert len({step_seed(s, t, r) for s in range(3) for t in range(100) for r in range(8)}) == 3 * 100 * 8
