@@ -2,8 +2,12 @@
 
 Images are decoded once to ``(3, S, S)`` uint8 (short side resized to S, centre crop) — every
 random augmentation then runs on whole batches (``sslhub.data.augment``).  Unreadable images
-(truncated, zero bytes, not an image) are *skipped and counted*: the log names each one.
-CMYK, RGBA/LA/P (composited on white), grayscale and 16-bit images are converted to 8-bit RGB.
+(truncated, zero bytes, not an image) are *skipped and counted*: the log names each one — and so
+are decompression bombs: an image declaring more than ``Image.MAX_IMAGE_PIXELS`` pixels is refused
+from its header, before any pixel is decoded.
+CMYK, grayscale and 16-bit images are converted to 8-bit RGB; transparency (RGBA, LA, PA, a palette
+image's transparent entries, a grey or RGB PNG's transparent colour) is composited on white, and a
+palette (P) image takes its palette's colours.
 """
 from __future__ import annotations
 
@@ -22,7 +26,9 @@ from sslhub.data.sources import DataError, Sample, Source, captions_of
 from sslhub.errors import InputError, SslhubError
 
 log = logging.getLogger("sslhub.data")
-Image.MAX_IMAGE_PIXELS = 200_000_000  # decompression-bomb guard; 20 MP photos are fine
+# Decompression-bomb guard: 20 MP photos are fine. PIL itself only warns between this and twice it (and
+# decodes, allocating gigabytes); open_image refuses anything above it, before decoding.
+Image.MAX_IMAGE_PIXELS = 200_000_000
 
 
 class BadImage(SslhubError, ValueError):
@@ -38,13 +44,27 @@ def to_rgb(img: Image.Image) -> Image.Image:
     elif img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         img = Image.fromarray(np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8), "L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
+    palette_alpha = img.mode == "P" and getattr(img.palette, "mode", "RGB") == "RGBA"
+    if img.mode in ("P", "L", "RGB", "1") and ("transparency" in img.info or palette_alpha):
+        img = img.convert("RGBA")  # transparent palette entries / the PNG's transparent colour → alpha
     if img.mode in ("RGBA", "LA", "PA"):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def check_pixels(img: Image.Image, name: str = "image") -> None:
+    """Refuse an image whose header declares more than ``Image.MAX_IMAGE_PIXELS`` pixels (read at call time).
+
+    PIL raises ``DecompressionBombError`` only above twice the limit; between the two it warns and decodes.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    w, h = img.size
+    if limit and w * h > limit:
+        raise BadImage(f"{name}: declares {w}x{h} pixels ({w * h / 1e6:.0f} MP), over the {limit / 1e6:.0f} MP "
+                       "limit: a decompression bomb or a mis-sized image, not decoded (raise "
+                       "PIL.Image.MAX_IMAGE_PIXELS to accept it)")
 
 
 def open_image(src: bytes | str, name: str = "image") -> Image.Image:
@@ -58,6 +78,7 @@ def open_image(src: bytes | str, name: str = "image") -> Image.Image:
             if os.path.getsize(src) == 0:
                 raise BadImage(f"{name}: empty file (0 bytes)")
             img = Image.open(src)
+        check_pixels(img, name)
         img.load()
         return to_rgb(img)
     except BadImage:
@@ -66,7 +87,9 @@ def open_image(src: bytes | str, name: str = "image") -> Image.Image:
         raise BadImage(f"{name}: file not found") from None
     except UnidentifiedImageError:
         raise BadImage(f"{name}: not an image file") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"{name}: a decompression bomb, not decoded ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"{name}: cannot decode ({e})") from None
 
 

@@ -39,6 +39,32 @@ class LoadError(SslhubError, ValueError):
     """``load_encoder`` could not make sense of its argument; the message says what to do."""
 
 
+class RGBFirst:
+    """``encoder.preprocess``: a PIL image in any mode → :func:`to_rgb`, then the family's own transform.
+
+    The families' transforms assume RGB: timm's and the default one turn a palette (``P``) image into one
+    channel of palette indices and a grey + alpha (``LA``) one into two channels, and the open_clip and
+    transformers ones drop transparency (``convert("RGB")``) instead of compositing it on white as training
+    data is. Wrapping them makes ``encoder.preprocess(img)`` agree with ``embed_images([img])`` and with the
+    training-data decode for every mode. Anything else (a tensor) goes to the transform unchanged; the
+    transform's own attributes (``transforms`` of a ``Compose`` …) stay readable through the wrapper.
+    """
+
+    def __init__(self, transform: Callable):
+        self.transform = transform.transform if isinstance(transform, RGBFirst) else transform
+
+    def __call__(self, image):
+        return self.transform(to_rgb(image) if isinstance(image, Image.Image) else image)
+
+    def __getattr__(self, name: str):
+        if name == "transform":  # not set yet (copy/pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.transform, name)
+
+    def __repr__(self) -> str:
+        return f"RGBFirst({self.transform!r})"
+
+
 class Encoder:
     """What ``load_encoder`` returns: an image model (and maybe a text tower) with its preprocessing.
 
@@ -67,9 +93,9 @@ class Encoder:
         self.config = config or {}
         self.name = name
         self.device = torch.device("cpu")
-        self.preprocess = preprocess or T.Compose([
+        self.preprocess = RGBFirst(preprocess or T.Compose([
             T.PILToTensor(), T.Resize(min(h, w), antialias=True), T.CenterCrop((h, w)),
-            T.ToDtype(torch.float32, scale=True), T.Normalize(self.mean, self.std)])
+            T.ToDtype(torch.float32, scale=True), T.Normalize(self.mean, self.std)]))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.name!r}, kind={self.kind!r}, dim={self.dim}, "
@@ -83,7 +109,7 @@ class Encoder:
     # ------------------------------------------------------------------ images
     def _load(self, item: ImageLike) -> torch.Tensor:
         if isinstance(item, Image.Image):
-            return self.preprocess(to_rgb(item))
+            return self.preprocess(item)  # RGBFirst: to_rgb, then the family's transform
         if isinstance(item, (str, Path)):
             try:
                 return self.preprocess(open_image(str(item), str(item)))

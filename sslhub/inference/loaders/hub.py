@@ -10,6 +10,7 @@ without a network. Every failure becomes a :class:`LoadError` that says what to 
 from __future__ import annotations
 
 import contextlib
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -76,8 +77,11 @@ def parse_hub_id(spec: str, name: str = "") -> tuple[str, str | None]:
 
 
 def unsafe_name(path: str) -> bool:
-    """A repo path that could point outside its folder: absolute, a backslash, or a '..'/'.'/empty part."""
-    return path.startswith("/") or "\\" in path or any(part in ("", ".", "..") for part in path.split("/"))
+    """A repo path that could point outside its folder, on any system: absolute (``/x``, ``C:x``), with a
+    backslash (a separator on Windows: ``..\\x``), a NUL, or a ``..``/``.``/empty part."""
+    return (not isinstance(path, str) or path.startswith("/") or "\\" in path or "\0" in path
+            or re.match(r"[A-Za-z]:", path) is not None
+            or any(part in ("", ".", "..") for part in path.split("/")))
 
 
 def _reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
@@ -174,8 +178,8 @@ def fetch_snapshot(spec: str, name: str) -> Path:
                 unsafe = sorted(f for f in files if unsafe_name(f))
                 if unsafe:
                     raise LoadError(f"{name}: the repo lists unsafe file names ({', '.join(map(repr, unsafe[:3]))})"
-                                    ": a path with a '..' part or an absolute one could write outside the cache, "
-                                    "so nothing is downloaded from it")
+                                    ": an absolute path, a backslash or a '..' part could write outside the "
+                                    "cache, so nothing is downloaded from it")
                 pickles = sorted(f for f in files if f.endswith(formats.PICKLE_SUFFIXES))
                 if pickles and not any(f.endswith(".safetensors") for f in files):
                     raise pickle_error(name, pickles, formats.WEIGHTS)

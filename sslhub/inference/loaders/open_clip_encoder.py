@@ -17,6 +17,11 @@ of the cost when texts are short (zero-shot prompts are ~10–20 tokens). Towers
 
 open_clip logs to the root logger; while it builds a model its records are held back, and dropped for
 sslhub's own ``LoadError`` when the build fails (no "ERROR:root:Failed to download" before it).
+
+A folder's weights are its ``open_clip_model.safetensors`` (or ``open_clip_pytorch_model.safetensors``),
+loaded by sslhub naming that file: open_clip is asked to build the architecture without weights, since
+its local-dir loader picks a checkpoint by its own preference list, which puts
+``open_clip_pytorch_model.bin`` (a pickle) before ``model.safetensors``.
 """
 from __future__ import annotations
 
@@ -127,10 +132,16 @@ class OpenClipEncoder(Encoder):
             warnings.warn(f"{self.name}: {self.trim_reason}; using the full encode_text", stacklevel=4)
 
 
+# open_clip's records that are wrong when sslhub loads the weights itself, after open_clip built the model
+_BUILT_WITHOUT_WEIGHTS = ("No pretrained weights loaded", "No potential checkpoint path found",
+                         "Potential checkpoint path")
+
+
 @contextlib.contextmanager
-def held_open_clip_logs() -> Iterator[None]:
+def held_open_clip_logs(drop: tuple[str, ...] = ()) -> Iterator[None]:
     """Hold what open_clip logs (to the root logger) during the block: passed on to the root logger's handlers
-    after a success, logged at DEBUG after a failure (sslhub's error says what went wrong).
+    after a success (except records whose message starts with one of ``drop``), logged at DEBUG after a
+    failure (sslhub's error says what went wrong).
 
     A handler is on the root logger meanwhile: ``logging.error`` would otherwise install a stderr one
     (``basicConfig``) in the user's process.
@@ -157,16 +168,16 @@ def held_open_clip_logs() -> Iterator[None]:
         root.removeFilter(hold)
         root.removeHandler(guard)
         for record in held:
-            if failed:
+            if failed or record.getMessage().startswith(drop):
                 log.debug("open_clip: %s", record.getMessage())
             else:
                 root.handle(record)
 
 
-def _build(fn, name: str, local: bool):
+def _build(fn, name: str, local: bool, drop: tuple[str, ...] = ()):
     net = None
     try:
-        with held_open_clip_logs(), network_guard() as net:
+        with held_open_clip_logs(drop), network_guard() as net:
             return fn()
     except LoadError:
         raise
@@ -192,7 +203,18 @@ def load_open_clip_folder(folder: Path, name: str) -> OpenClipEncoder:
         # tower is built offline; the weights come from open_clip_model.safetensors as usual.
         overrides["text_cfg"] = {**text_cfg, "hf_model_name": str((folder / formats.TEXT_CONFIG_DIR).resolve()),
                                  "hf_model_pretrained": False}
-    model, _, preprocess = _build(lambda: open_clip.create_model_and_transforms(spec, **overrides), name, local=True)
+    weights = next((folder.resolve() / f for f in formats.OPEN_CLIP_WEIGHTS_ALT if (folder / f).is_file()), None)
+    if weights is None:
+        raise LoadError(f"{name}: an open_clip folder without weights: expected {formats.OPEN_CLIP_WEIGHTS}")
+
+    def build():
+        # the architecture only (no checkpoint of open_clip's choosing, no base text/image tower weights) …
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec, load_weights=False, pretrained_image=False, pretrained_text=False, **overrides)
+        open_clip.load_checkpoint(model, str(weights), strict=True)  # … then exactly this safetensors file
+        return model, preprocess
+
+    model, preprocess = _build(build, name, local=True, drop=_BUILT_WITHOUT_WEIGHTS)
     tokenizer = _build(lambda: open_clip.get_tokenizer(spec), name, local=True)
     return OpenClipEncoder(model, preprocess, tokenizer, config["model_cfg"]["embed_dim"], name, config)
 

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from sslhub import formats
 from sslhub.config import from_dict
 from sslhub.inference.loaders.base import Encoder, LoadError, read_json
+from sslhub.inference.loaders.timm_encoder import check_model_args
 from sslhub.models.backbone import Backbone, EncoderConfig
 
 
@@ -20,6 +21,10 @@ class SslhubEncoder(Encoder):
 def load_sslhub_folder(folder: Path) -> Encoder:
     config = read_json(folder / formats.CONFIG)
     s = config["sslhub"]
+    if not isinstance(s, dict) or not isinstance(s.get("encoder"), dict):
+        raise LoadError(f"{folder / formats.CONFIG}: the \"sslhub\" section has no \"encoder\" object")
+    # Backbone calls timm.create_model(arch, **model_args): a checkpoint_path there would be torch.load-ed
+    check_model_args(s["encoder"].get("model_args"), f"{folder / formats.CONFIG}: sslhub.encoder")
     enc_cfg = from_dict(EncoderConfig, s["encoder"], where=str(folder / formats.CONFIG), prefix="sslhub.encoder.")
     backbone = Backbone(enc_cfg)
     weights = folder / formats.WEIGHTS

@@ -3,6 +3,10 @@
 Built with ``num_classes=0`` so the forward returns pooled features ``(B, dim)``; the preprocessing is
 timm's own eval transform from the weights' pretrained config (input size, mean, std, interpolation,
 crop_pct), ``timm.data.create_transform(**resolve_model_data_config(model))``.
+
+A folder's weights are read from its ``model.safetensors``, named to timm explicitly (its local-dir
+loader would otherwise pick a file by its own preference list, which has pickles in it), and the
+config's ``model_args`` may not name files or weight sources of their own (``checkpoint_path`` …).
 """
 from __future__ import annotations
 
@@ -31,13 +35,35 @@ class TimmEncoder(Encoder):
                          interpolation=cfg.get("interpolation", "bilinear"), crop_pct=cfg.get("crop_pct", 1.0))
 
 
-def _create(spec: str, name: str, pretrained: bool) -> nn.Module:
+# timm.create_model / build_model_with_cfg arguments that load weights from a file or elsewhere: a config's
+# model_args never set them (timm.create_model(arch, **model_args) would torch.load a checkpoint_path).
+WEIGHT_SOURCE_ARGS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir",
+                      "pretrained_strict", "pretrained_filter_fn")
+
+
+def check_model_args(model_args, where: str) -> None:
+    """Refuse a config's ``model_args`` that is not a mapping or that names a weight source of its own."""
+    if model_args is None:
+        return
+    if not isinstance(model_args, dict):
+        raise LoadError(f"{where}: model_args is not a JSON object")
+    bad = sorted(k for k in model_args if k in WEIGHT_SOURCE_ARGS)
+    if bad:
+        raise LoadError(f"{where}: model_args sets {', '.join(bad)}, which would make timm load weights from "
+                        "somewhere other than the folder's model.safetensors (a pickle checkpoint, a download); "
+                        "refused — remove it from the config")
+
+
+def _create(spec: str, name: str, pretrained: bool, weights: Path | None = None) -> nn.Module:
     import timm
 
+    # a folder: load exactly its safetensors file, whatever else lies beside it
+    overlay = None if weights is None else {
+        "source": "", "file": str(weights), "state_dict": None, "url": None, "hf_hub_id": None, "custom_load": False}
     net = None
     try:
         with network_guard() as net:
-            return timm.create_model(spec, pretrained=pretrained, num_classes=0)
+            return timm.create_model(spec, pretrained=pretrained, num_classes=0, pretrained_cfg_overlay=overlay)
     except LoadError:
         raise
     except Exception as e:
@@ -50,11 +76,14 @@ def load_timm_folder(folder: Path, name: str) -> TimmEncoder:
     """A folder with timm's config.json (``"architecture"``) and model.safetensors."""
     import timm
 
-    arch = read_json(folder / formats.CONFIG)["architecture"]
-    if not timm.is_model(arch):
+    config = read_json(folder / formats.CONFIG)
+    arch = config["architecture"]
+    if not isinstance(arch, str) or not timm.is_model(arch):
         raise LoadError(f"{name}: config.json names architecture {arch!r}, which this timm ({timm.__version__}) "
                         "does not have; a newer timm may (pip install -U timm)")
-    return TimmEncoder(_create(f"local-dir:{folder.resolve()}", name, True), name)
+    check_model_args(config.get("model_args"), f"{name}: config.json")
+    weights = folder.resolve() / formats.WEIGHTS
+    return TimmEncoder(_create(f"local-dir:{folder.resolve()}", name, True, weights), name)
 
 
 def load_timm_name(spec: str, name: str, pretrained: bool = True) -> TimmEncoder:
