@@ -34,6 +34,10 @@ RUN_TENSORBOARD = "tensorboard"
 RUN_EXPORT = "export"
 RUN_CHECKPOINTS = "checkpoints"  # checkpoints/step-NNNNNNN.safetensors, the newest train.keep_checkpoints
 RUN_REJECTED = "checkpoints/rejected"  # checkpoints --resume passed over (damaged, diverged or newer than it)
+# timm.create_model / build_model_with_cfg arguments that load weights from a file or elsewhere: neither an
+# export's config nor a recipe's encoder.model_args may set them (timm would torch.load a checkpoint_path)
+WEIGHT_SOURCE_ARGS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir",
+                      "pretrained_strict", "pretrained_filter_fn")
 CHECKPOINT_META_KEY = "sslhub_state"  # safetensors metadata key holding the checkpoint's structure
 CHECKPOINT_SHA256_KEY = "sslhub_sha256"  # ... and the checksum of structure and tensors
 

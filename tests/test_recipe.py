@@ -97,3 +97,14 @@ def test_errors_name_the_set_or_the_file(tmp_path):
     bad.write_text(recipe.read_text().replace("temperature: ", "temperature: -", 1))
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: method_args\.temperature=-"):
         load_recipe(bad, ["optim.lr=0.1"])  # an override of another key does not take the blame
+
+
+def test_encoder_model_args_may_not_name_a_weight_source():
+    """timm.create_model(arch, checkpoint_path=…) would torch.load (unpickle) that file: refused in a recipe."""
+    import pytest
+
+    from sslhub.config import ConfigError
+    from sslhub.train.recipe import recipe_from_dict
+
+    with pytest.raises(ConfigError, match=r"encoder.model_args.*checkpoint_path"):
+        recipe_from_dict({"method": "simclr", "encoder": {"model_args": {"checkpoint_path": "/tmp/evil.pth"}}})

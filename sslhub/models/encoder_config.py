@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from sslhub import formats
 from sslhub.config import check
 
 
@@ -20,3 +21,6 @@ class EncoderConfig:
     def __post_init__(self):
         check(self.image_size >= 1, "image_size", "the input side in pixels must be a positive integer")
         check(all(s > 0 for s in self.std), "std", "every channel's std must be > 0")
+        bad = sorted(k for k in self.model_args if k in formats.WEIGHT_SOURCE_ARGS)
+        check(not bad, "model_args", f"sets {', '.join(bad)}: weights a recipe trains from are not loaded through "
+              "timm (a checkpoint_path would be unpickled); remove it")

@@ -35,10 +35,7 @@ class TimmEncoder(Encoder):
                          interpolation=cfg.get("interpolation", "bilinear"), crop_pct=cfg.get("crop_pct", 1.0))
 
 
-# timm.create_model / build_model_with_cfg arguments that load weights from a file or elsewhere: a config's
-# model_args never set them (timm.create_model(arch, **model_args) would torch.load a checkpoint_path).
-WEIGHT_SOURCE_ARGS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir",
-                      "pretrained_strict", "pretrained_filter_fn")
+WEIGHT_SOURCE_ARGS = formats.WEIGHT_SOURCE_ARGS
 
 
 def check_model_args(model_args, where: str) -> None:
