@@ -26,16 +26,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
-import shutil
-import signal
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 import sslhub.distributed as D
@@ -48,148 +43,15 @@ from sslhub.inference.load import load_encoder
 from sslhub.methods.base import Batch, Method
 from sslhub.methods.registry import get_method
 from sslhub.schedules import cosine_schedule
-from sslhub.train.checkpoint import (CheckpointError, checkpoint_path, iter_infos, list_checkpoints, load_state,
-                                     prune, read_info, save_state)
+from sslhub.train.checkpoint import checkpoint_path, iter_infos, list_checkpoints, prune, save_state
+from sslhub.train.guard import NonFiniteLoss, TrainingInterrupted, deferred_interrupt, health, non_finite, weight_norm
 from sslhub.train.metrics_log import MetricsLog, plot_curves
 from sslhub.train.optim import build_optimizer, scaled_lr
 from sslhub.train.recipe import Recipe
+from sslhub.train.run_folder import check_run_folder, clear_run_folder, newest_usable, reject
+from sslhub.train.step import accumulate_gradients, apply_update, pick_captions, pick_device, step_seed
 
 log = logging.getLogger("sslhub.train")
-
-
-class NonFiniteLoss(SslhubError, RuntimeError):
-    """The loss, a gradient or a weight became NaN or infinite: training stopped before the step was applied
-    (or before its checkpoint was written)."""
-
-
-class TrainingInterrupted(SslhubError):
-    """Ctrl-C: training stopped between two steps, after saving a checkpoint to resume from."""
-
-
-DIVERGED = 100.0  # a checkpoint whose weight norm grew this many times beyond its start is diverging
-
-
-def weight_norm(params: list[nn.Parameter]) -> float:
-    """The global L2 norm of ``params`` (inf when any element is not finite)."""
-    return float(torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for p in params])))
-
-
-def health(info: dict) -> str:
-    """Why a checkpoint (its ``read_info``) is not a healthy point to continue from; "" when it is."""
-    loss, norm, start = info.get("loss"), info.get("weight_norm"), info.get("weight_norm_start")
-    if loss is None or norm is None or not start:  # sslhub < 0.3 recorded neither: nothing to judge by
-        return ""
-    if not (math.isfinite(loss) and math.isfinite(norm)):
-        return f"not finite (loss {loss}, weight norm {norm})"
-    if norm > DIVERGED * start:
-        return f"diverging (weight norm {norm:.3g}, {norm / start:.3g}× its {start:.3g} at the start)"
-    return ""
-
-
-def non_finite(state: Any, prefix: str = "") -> list[str]:
-    """Names of the floating-point tensors in a nested state that hold a NaN or an infinity."""
-    if isinstance(state, torch.Tensor):
-        return [prefix] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
-    if isinstance(state, dict):
-        return [n for k, v in state.items() for n in non_finite(v, f"{prefix}.{k}" if prefix else str(k))]
-    if isinstance(state, (list, tuple)):
-        return [n for i, v in enumerate(state) for n in non_finite(v, f"{prefix}.{i}")]
-    return []
-
-
-@contextlib.contextmanager
-def deferred_interrupt() -> Any:
-    """The first Ctrl-C (SIGINT) sets ``flag["set"]``, which the training loop checks between steps; a second
-    one interrupts at once.  A no-op outside the main thread or where SIGINT is ignored."""
-    flag = {"set": False}
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
-        yield flag
-        return
-
-    def on_interrupt(signum: int, frame: Any) -> None:
-        flag["set"] = True
-        signal.signal(signal.SIGINT, previous)
-        log.warning("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again stops at once)")
-
-    signal.signal(signal.SIGINT, on_interrupt)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-# ---------------------------------------------------------------------- one optimiser step
-def accumulate_gradients(method: Method, groups: dict[str, list[nn.Parameter]], batches: list[Batch],
-                         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                         ) -> dict[str, float]:
-    """Forward and backward every micro-batch of one step; ``.grad`` ends as the mean of their gradients.
-
-    Returns the mean over micro-batches of every value the method logs.  A non-finite loss raises
-    :class:`NonFiniteLoss` before its backward.  With several processes its backward still runs (its collectives
-    must meet the other processes') and the gradients are made NaN, so ``apply_update`` stops every process.
-    """
-    n, logged, poisoned = len(batches), {}, False
-    for batch in batches:
-        with autocast():
-            out = method.loss(batch)
-        loss = float(out["loss"].detach())
-        if not math.isfinite(loss):
-            if not D.is_dist():
-                raise NonFiniteLoss(f"loss is {loss} at step {batch.step}")
-            poisoned = True
-        keys = list(groups)
-        for i, k in enumerate(keys):  # each loss only into its own optimiser's parameters
-            inputs = None if len(keys) == 1 else groups[k]
-            (out[k] / n).backward(inputs=inputs, retain_graph=i < len(keys) - 1)
-        for k, v in out.items():
-            logged[k] = logged.get(k, 0.0) + float(v.detach()) / n
-    if poisoned:
-        first = next(p for ps in groups.values() for p in ps)
-        first.grad = torch.full_like(first, float("nan"))
-    return logged
-
-
-def apply_update(method: Method, optimizers: dict[str, torch.optim.Optimizer], params: list[nn.Parameter],
-                 step: int, max_steps: int, clip_grad: float | None = None) -> None:
-    """Average gradients over processes, clip, step every optimiser, then the method's ``on_step_end``.
-
-    Non-finite gradients (from a finite loss) raise :class:`NonFiniteLoss` before any weight changes."""
-    D.average_gradients(params)
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = float(nn.utils.get_total_norm(grads)) if grads else 0.0
-    if not math.isfinite(norm):
-        raise NonFiniteLoss(f"the gradients are not finite at step {step} (norm {norm})")
-    if clip_grad:
-        nn.utils.clip_grads_with_norm_(params, clip_grad, torch.tensor(norm))
-    for opt in optimizers.values():
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    method.on_step_end(step, max_steps)
-
-
-def recipe_changes(old: Any, new: Any, key: str = "") -> list[tuple[str, Any, Any]]:
-    """``(dotted key, old, new)`` for every leaf value that differs between two recipe dicts."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [c for k in dict.fromkeys([*old, *new])
-                for c in recipe_changes(old.get(k), new.get(k), f"{key}.{k}" if key else k)]
-    return [] if old == new else [(key, old, new)]
-
-
-def pick_captions(texts: list[list[str]], idx: torch.Tensor, rng: torch.Generator) -> list[str]:
-    """One of each image's captions, drawn with the step's generator (deterministic on resume)."""
-    draws = torch.randint(0, 2**31 - 1, (len(idx),), generator=rng).tolist()
-    return [texts[i][d % len(texts[i])] for i, d in zip(idx.tolist(), draws)]
 
 
 class Trainer:
@@ -251,13 +113,13 @@ class Trainer:
         r, tc = self.recipe, self.recipe.train
         if r.data.batch_size % self.world:
             raise SslhubError(f"data.batch_size={r.data.batch_size} is not divisible by {self.world} processes")
-        self.check_run_folder()
+        check_run_folder(self.out, r.to_dict(), self.resume, self.overwrite)
         self.method = self.build_method()  # before the data: a model that cannot be built fails at once
         self.data = self.load_data()
         D.barrier()  # every process has checked the run folder before the first process writes into it
         if D.is_main():  # nothing is written into the run folder before the recipe and the data are read
             if self.overwrite and not self.resume:
-                self.clear_run_folder()
+                clear_run_folder(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / formats.RUN_RECIPE).write_text(json.dumps(r.to_dict(), indent=1))
         self.step_batch = r.data.batch_size * tc.accumulate  # images per optimiser step, all processes
@@ -276,53 +138,15 @@ class Trainer:
         self.optimizers = {k: build_optimizer(ps, r.optim, lr) for k, ps in self.groups.items()}
         self.lrs = cosine_schedule(lr, lr * r.optim.min_lr_ratio, self.total, int(r.optim.warmup_epochs * spe))
 
-    RUN_FILES = (formats.RUN_RECIPE, formats.RUN_CHECKPOINTS, formats.RUN_EXPORT, formats.RUN_METRICS_CSV,
-                 formats.RUN_METRICS_JSON, formats.RUN_CURVES, formats.RUN_TENSORBOARD)
-
-    # recipe keys that may change when a run is resumed: how long, how often to log or save, evaluation, threads,
-    # and what continuing a diverged run needs (a lower learning rate, clipping, fp32)
-    RESUMABLE = ("train.epochs", "train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
-                 "train.threads", "train.device", "data.num_workers", "eval.", "optim.lr", "optim.clip_grad",
-                 "train.precision")
-
-    def check_run_folder(self) -> None:
-        """A folder that holds a run is continued (``--resume``, with the recipe it was started with) or replaced
-        (``--overwrite``), never silently; checked before any data is read."""
-        held = [name for name in self.RUN_FILES if (self.out / name).exists()]
-        if held and not (self.resume or self.overwrite):
-            raise SslhubError(f"{self.out} already holds a run ({', '.join(held)}): pass --resume to continue it, "
-                              "--overwrite to replace it, or give another --out")
-        newest = next(iter_infos(self.ckpt_dir), None) if self.resume else None
-        if newest is not None:
-            path, info = newest
-            saved = json.loads(info.get("recipe") or "{}")
-            changed = [f"{k}: {a!r} → {b!r}" for k, a, b in recipe_changes(saved, self.recipe.to_dict())
-                       if not k.startswith(self.RESUMABLE)]
-            if changed:
-                raise SslhubError(f"{path} was written by a run with another recipe ({'; '.join(changed[:6])}"
-                                  f"{' …' if len(changed) > 6 else ''}): --resume continues a run with its own recipe "
-                                  "(only its length, logging, checkpointing, evaluation, optim.lr, optim.clip_grad and "
-                                  "train.precision may change); start a new "
-                                  "run with --overwrite or another --out")
-
-    def clear_run_folder(self) -> None:
-        """--overwrite: the earlier run's files go, so no old checkpoint can be resumed under the new recipe."""
-        for name in self.RUN_FILES:
-            path = self.out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-
     def restore(self) -> None:
         if D.is_main() and self.ckpt_dir.is_dir():  # temp files of a write that was cut short
             for stale in self.ckpt_dir.glob(".*.safetensors.*.tmp"):
                 stale.unlink()
         if self.resume and list_checkpoints(self.ckpt_dir):
-            path, state, passed = self.newest_usable()
+            path, state, passed = newest_usable(self.ckpt_dir)
             D.barrier()  # every process has read its checkpoint before any is moved
             if D.is_main():
-                self.reject(passed)
+                reject(self.out, passed)
             self.method.load_state_dict(state["model"])
             for k, opt in self.optimizers.items():
                 opt.load_state_dict(state["optim"][k])
@@ -332,37 +156,6 @@ class Trainer:
         elif self.resume:
             log.info("--resume: no checkpoint in %s, starting from scratch", self.ckpt_dir)
         self.metrics_log = MetricsLog(self.out, self.start, enabled=D.is_main())
-
-    def newest_usable(self) -> tuple[Path, dict, list[tuple[Path, str]]]:
-        """The newest checkpoint that is intact (checksum) and healthy, its state, and the newer ones passed over
-        with the reason; an error naming every reason when none is usable."""
-        passed: list[tuple[Path, str]] = []
-        for path in list_checkpoints(self.ckpt_dir):
-            try:
-                why = health(read_info(path))  # from the header: a diverging checkpoint's tensors are never read
-                if not why:
-                    return path, load_state(path), passed  # the checksum is verified here
-            except CheckpointError as e:
-                why = str(e).removeprefix(f"{path}: ")
-            passed.append((path, why))
-        reasons = "; ".join(f"{p}: {why}" for p, why in passed)
-        raise CheckpointError(f"no checkpoint in {self.ckpt_dir} can be resumed ({reasons}); start the run again "
-                              "with --overwrite")
-
-    def reject(self, passed: list[tuple[Path, str]]) -> None:
-        """Move checkpoints --resume passed over to checkpoints/rejected/ (kept, never resumed or pruned)."""
-        if not passed:
-            return
-        folder = self.out / formats.RUN_REJECTED
-        folder.mkdir(parents=True, exist_ok=True)
-        for path, _ in passed:
-            dest, n = folder / path.name, 1
-            while dest.exists():  # rejected before, by an earlier --resume: both kept
-                n += 1
-                dest = folder / f"{path.stem}.{n}{path.suffix}"
-            path.replace(dest)
-        reasons = "; ".join(f"{p.name}: {why}" for p, why in passed[:3]) + (" …" if len(passed) > 3 else "")
-        log.warning("--resume passed over %d newer checkpoint(s) (%s): moved to %s", len(passed), reasons, folder)
 
     # ------------------------------------------------------------------ step
     def micro_batches(self, step: int) -> list[Batch]:
@@ -570,4 +363,5 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: b
     return Trainer(recipe, out_dir, resume, progress, overwrite).fit()
 
 
-__all__ = ["Trainer", "train", "NonFiniteLoss", "TrainingInterrupted", "accumulate_gradients", "apply_update"]
+__all__ = ["Trainer", "train", "NonFiniteLoss", "TrainingInterrupted", "accumulate_gradients", "apply_update",
+           "pick_captions", "step_seed"]
