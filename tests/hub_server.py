@@ -595,3 +595,19 @@ def client_env(**values: str | None) -> Iterator[None]:
         yield
     finally:
         apply(saved)
+
+
+@contextlib.contextmanager
+def running_hub(root: Path, tokens: dict[str, str]) -> Iterator[HubServer]:
+    """A started test Hub under ``root`` with huggingface_hub pointed at it (endpoint, its own home, the first
+    token, no Xet, no telemetry, nothing inherited from the user's environment); stopped on exit."""
+    server = HubServer(root / "server", tokens).start()
+    env = {"HF_ENDPOINT": server.url, "HF_HOME": str(root / "hf_home"), "HF_TOKEN": next(iter(tokens)),
+           "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+           "HF_HUB_CACHE": None, "HF_TOKEN_PATH": None, "HUGGING_FACE_HUB_TOKEN": None, "HF_HUB_OFFLINE": None,
+           "HF_HUB_DISABLE_IMPLICIT_TOKEN": None}
+    try:
+        with client_env(**env):
+            yield server
+    finally:
+        server.stop()

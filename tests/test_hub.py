@@ -27,7 +27,7 @@ from typing import Iterator
 import pytest
 import torch
 from conftest import run_cli
-from hub_server import HubServer, client_env, git_blob_sha1
+from hub_server import client_env, git_blob_sha1, running_hub
 from safetensors.torch import load_file
 
 from sslhub import load_encoder
@@ -43,19 +43,11 @@ TEXTS = ["a photo of a cat", "a dog", ""]
 def hub(tmp_path_factory):
     """The test Hub, started, with huggingface_hub pointed at it (endpoint, home, token; no Xet)."""
     root = tmp_path_factory.mktemp("hub")
-    server = HubServer(root / "server", {TOKEN: USER}).start()
-    env = {"HF_ENDPOINT": server.url, "HF_HOME": str(root / "hf_home"), "HF_TOKEN": TOKEN,
-           "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-           "HF_HUB_CACHE": None, "HF_TOKEN_PATH": None, "HUGGING_FACE_HUB_TOKEN": None, "HF_HUB_OFFLINE": None,
-           "HF_HUB_DISABLE_IMPLICIT_TOKEN": None}
-    try:
-        with client_env(**env):
-            from huggingface_hub import constants
+    with running_hub(root, {TOKEN: USER}) as server:
+        from huggingface_hub import constants
 
-            assert constants.ENDPOINT == server.url and constants.HF_HUB_CACHE.startswith(str(root))
-            yield server
-    finally:
-        server.stop()
+        assert constants.ENDPOINT == server.url and constants.HF_HUB_CACHE.startswith(str(root))
+        yield server
 
 
 @pytest.fixture

@@ -259,19 +259,10 @@ TOKEN = "hf_sslhubSecurityTestToken0123456789"
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     """The test Hub of tests/hub_server.py on 127.0.0.1, with huggingface_hub pointed at it."""
-    from hub_server import HubServer, client_env
+    from hub_server import running_hub
 
-    root = tmp_path_factory.mktemp("hub")
-    server = HubServer(root / "server", {TOKEN: USER}).start()
-    env = {"HF_ENDPOINT": server.url, "HF_HOME": str(root / "hf_home"), "HF_TOKEN": TOKEN,
-           "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-           "HF_HUB_CACHE": None, "HF_TOKEN_PATH": None, "HUGGING_FACE_HUB_TOKEN": None, "HF_HUB_OFFLINE": None,
-           "HF_HUB_DISABLE_IMPLICIT_TOKEN": None}
-    try:
-        with client_env(**env):
-            yield server
-    finally:
-        server.stop()
+    with running_hub(tmp_path_factory.mktemp("hub"), {TOKEN: USER}) as server:
+        yield server
 
 
 @pytest.fixture
