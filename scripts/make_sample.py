@@ -18,7 +18,8 @@ from pathlib import Path
 
 # (source folder, sample name, {split: images per class, or in all for unlabelled image–text data})
 SAMPLES = [("cifar10", "cifar10-sample", {"train": 100, "test": 50}),
-           ("flickr8k", "flickr8k-sample", {"train": 200, "test": 100})]
+           ("flickr8k", "flickr8k-sample", {"train": 200, "test": 100}),
+           ("imagenette96", "imagenette96-sample", {"train": 40, "val": 10})]
 
 
 def _read_pairs(shard: Path):
@@ -52,8 +53,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", type=Path, default=Path("../shared/data"))
     ap.add_argument("--dst", type=Path, default=Path("data"))
+    ap.add_argument("--only", nargs="*", default=None, help="sample names to rebuild (default: all)")
     args = ap.parse_args()
     for src_name, dst_name, per_class in SAMPLES:
+        if args.only and dst_name not in args.only:
+            continue
         src = args.src / src_name
         meta = json.loads((src / "dataset.json").read_text())
         out = args.dst / dst_name

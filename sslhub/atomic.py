@@ -44,6 +44,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def replace_folder(final: str | Path, build: Callable[[Path], None]) -> Path:
     """Build a folder next to ``final`` with ``build(tmp)`` and swap it in; returns ``final``."""
     final = Path(final)

@@ -4,9 +4,11 @@ from sslhub.methods import (
     byol,  # noqa: F401
     clip,  # noqa: F401
     dino,  # noqa: F401
+    mae,  # noqa: F401
     moco_v2,  # noqa: F401
     moco_v3,  # noqa: F401
     rotation,  # noqa: F401
+    simmim,  # noqa: F401
     simclr,  # noqa: F401
     simsiam,  # noqa: F401
     swav,  # noqa: F401

@@ -37,7 +37,7 @@ from torch import nn
 import sslhub.distributed as D
 from sslhub.data.augment import BatchAugment, ViewConfig
 from sslhub.models.backbone import Backbone, EncoderConfig
-from sslhub.publish.export import Evaluate, export_encoder
+from sslhub.publish.export import Evaluate, Files, export_encoder
 
 
 @dataclass
@@ -99,12 +99,20 @@ class Method(nn.Module):
         """Build the method for the recipe's ``encoder`` block (default: a timm :class:`Backbone`)."""
         return cls(Backbone(encoder), cfg)
 
-    def export(self, folder: str | Path, info: dict[str, Any], evaluate: Evaluate | None = None) -> Path:
+    def export(self, folder: str | Path, info: dict[str, Any], evaluate: Evaluate | None = None,
+               files: Files | None = None) -> Path:
         """Write the trained encoder as a loadable folder (default: timm layout, ``export_encoder``).
 
         ``evaluate(folder)`` runs on the folder as written, before it is swapped in; its figures go into the
-        config and the card (one write of the weights, one swap of the folder)."""
-        return export_encoder(self.exported_backbone(), folder, info, evaluate=evaluate)
+        config and the card (one write of the weights, one swap of the folder).  ``files``: extra files
+        (name → (bytes, caption)); those with a caption are pictures the card shows."""
+        return export_encoder(self.exported_backbone(), folder, info, evaluate=evaluate, files=files)
+
+    @torch.no_grad()
+    def pictures(self, images: torch.Tensor) -> dict[str, tuple[bytes, str]]:
+        """Pictures of what the method does on fixed held-out uint8 images (file name → (PNG bytes, caption)),
+        written into the run folder and the export; none by default (masked modeling: reconstructions)."""
+        return {}
 
     def view_pipeline(self, views: ViewConfig) -> BatchAugment:
         """Batched augmentation for ``views``, normalised with the encoder's own mean and std."""

@@ -46,7 +46,7 @@ from sslhub.data.augment import BatchAugment, ViewConfig
 from sslhub.errors import InputError
 from sslhub.methods.base import Batch, Method, MethodConfig
 from sslhub.methods.registry import register_method
-from sslhub.publish.export import Evaluate, write_export
+from sslhub.publish.export import Evaluate, Files, extra_files, write_export
 
 log = logging.getLogger("sslhub.clip")
 CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
@@ -271,14 +271,19 @@ class CLIP(Method):
             text.update(hf_model_name=name, hf_tokenizer_name=name, hf_model_pretrained=False)
         return mcfg
 
-    def export(self, folder: str | Path, info: dict[str, Any], evaluate: Evaluate | None = None) -> Path:
+    def export(self, folder: str | Path, info: dict[str, Any], evaluate: Evaluate | None = None,
+               files: Files | None = None) -> Path:
         """open_clip's Hub layout (+ the HF text tower's tokenizer and config, so it loads offline)."""
         config = {"model_cfg": self.export_config(), "preprocess_cfg": self.preprocess_cfg,
                   "sslhub": {"format": formats.CLIP_FORMAT, "format_version": formats.FORMAT_VERSION,
                              "sslhub_version": __version__, "architecture": self.arch, **info}}
         state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
 
+        more = extra_files(config, files)
+
         def text_tower_files(tmp: Path) -> None:
+            if more is not None:
+                more(tmp)
             if self.text_tower_dir is None:
                 return
             for name in TOKENIZER_FILES:  # open_clip's local-dir: tokenizer reads them from the folder

@@ -38,6 +38,7 @@ features = encoder.embed_images(["image.jpg"])  # (1, {{ dim }})
 ## Evaluation
 
 {{ eval_text }}
+{{ pictures }}
 
 ## Recipe
 
@@ -114,6 +115,12 @@ def _eval_text(ev: dict) -> str:
     return "\n".join(lines) if lines else "No evaluation was run on this checkpoint."
 
 
+def _pictures(s: dict) -> str:
+    """The export's pictures (files beside the card) with their captions."""
+    pics = s.get("pictures") or {}
+    return "".join(f"\n![{caption}]({name})\n\n_{caption}._\n" for name, caption in pics.items())
+
+
 def render_card(config: dict[str, Any], repo_hint: str = "path/to/export") -> str:
     s = config.get("sslhub", {})
     method = s.get("method", "unknown")
@@ -164,7 +171,7 @@ def render_card(config: dict[str, Any], repo_hint: str = "path/to/export") -> st
         summary=(f"An image–text model (image and text towers, `{arch}`) trained with **{method}** by sslhub."
                  if clip else f"A self-supervised image encoder: `{arch}` pre-trained with **{method}** by sslhub."),
         repo_hint=repo_hint, dim=dim, training_table=table, eval_text=eval_text,
-        timm_use=timm_use, recipe=json.dumps(s.get("recipe", {}), indent=1))
+        timm_use=timm_use, pictures=_pictures(s), recipe=json.dumps(s.get("recipe", {}), indent=1))
     return str(card)
 
 

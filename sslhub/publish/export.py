@@ -60,11 +60,31 @@ def write_export(folder: str | Path, config: dict[str, Any], config_name: str, w
     return replace_folder(folder, build)
 
 
+Files = dict[str, tuple[bytes, str]]  # extra files of an export: name → (bytes, caption; a caption = a picture)
+
+
+def extra_files(config: dict[str, Any], files: Files | None) -> Callable[[Path], None] | None:
+    """``add_files`` for ``write_export`` that writes ``files``; pictures (a caption) are listed in
+    ``config["sslhub"]["pictures"]`` so the card shows them."""
+    if not files:
+        return None
+    pictures = {name: caption for name, (_, caption) in files.items() if caption}
+    if pictures:
+        config.setdefault("sslhub", {})["pictures"] = pictures
+
+    def add(tmp: Path) -> None:
+        for name, (data, _) in files.items():
+            (tmp / name).write_bytes(data)
+
+    return add
+
+
 def export_encoder(backbone: Backbone, folder: str | Path, info: dict[str, Any] | None = None,
-                   evaluate: Evaluate | None = None) -> Path:
-    """A timm backbone in timm's Hub layout (``config.json`` + ``model.safetensors``) + the card."""
+                   evaluate: Evaluate | None = None, files: Files | None = None) -> Path:
+    """A timm backbone in timm's Hub layout (``config.json`` + ``model.safetensors``) + the card (+ ``files``)."""
     config = backbone.timm_config()
     config["sslhub"].update({"format": formats.ENCODER_FORMAT, "format_version": formats.FORMAT_VERSION,
                              "sslhub_version": __version__, **(info or {})})
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
-    return write_export(folder, config, formats.CONFIG, state, formats.WEIGHTS, evaluate=evaluate)
+    return write_export(folder, config, formats.CONFIG, state, formats.WEIGHTS, add_files=extra_files(config, files),
+                        evaluate=evaluate)

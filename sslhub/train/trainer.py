@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 import sslhub.distributed as D
 from sslhub import formats
+from sslhub.atomic import atomic_write_bytes
 from sslhub.data.images import BatchPlan, DecodedImages, decode_all
 from sslhub.data.sources import has_split, open_source, with_captions
 from sslhub.errors import SslhubError
@@ -281,6 +282,7 @@ class Trainer:
             failed.append(e)
             test = None
         figures = self.pretext(test)
+        files = self.pictures(test)
         info = {"method": self.recipe.method, "paper": self.method.paper, "recipe": self.recipe.to_dict(),
                 "recipe_file": self.recipe.source, "steps": self.total, "global_batch": self.step_batch,
                 "processes": self.world, "train_data": self.recipe.data.train, "train_images": len(self.data),
@@ -294,7 +296,7 @@ class Trainer:
                     failed.append(e)
             return figures
 
-        export = self.method.export(self.out / formats.RUN_EXPORT, info, evaluate=evaluate)
+        export = self.method.export(self.out / formats.RUN_EXPORT, info, evaluate=evaluate, files=files)
         (self.out / formats.RUN_METRICS_JSON).write_text(json.dumps({"steps": self.total, **figures}, indent=1))
         error = SslhubError(f"{failed[0]}\n(training finished and {export} is written, without evaluation figures: "
                             "fix the eval.* settings and evaluate it with `sslhub eval`)") if failed else None
@@ -327,6 +329,16 @@ class Trainer:
         with self.autocast():
             res = self.method.evaluate(test.images, test.labels)
         return {"pretext": res} if res else {}
+
+    def pictures(self, test: DecodedImages | None, n: int = 8) -> dict[str, tuple[bytes, str]]:
+        """The method's pictures (masked modeling: reconstructions) of the first ``n`` held-out images (training
+        images when there is no held-out split), written into the run folder; returned for the export."""
+        images = test.images[:n] if test is not None else self.data.images[:n]
+        with self.autocast():
+            files = self.method.pictures(images.to(self.device))
+        for name, (data, _) in files.items():
+            atomic_write_bytes(self.out / name, data)
+        return files
 
     def evaluate_export(self, folder: Path, test: DecodedImages | None, knn_test: str) -> dict[str, Any]:
         """k-NN, zero-shot and retrieval through the inference layer, on the folder as a user loads it."""
