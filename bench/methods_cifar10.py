@@ -163,7 +163,10 @@ def run_random(args, bank: DecodedImages, test: DecodedImages) -> dict:
 
 
 def image_methods() -> list[str]:
-    return [n for n, cls in list_methods().items() if not cls.needs_text]
+    """Image methods with a CIFAR-10 recipe (the ViT-only masked-modeling methods have an Imagenette one:
+    bench/mim_imagenette.py)."""
+    return [n for n, cls in list_methods().items()
+            if not cls.needs_text and (REPO / "recipes" / f"{n}_cifar10.yaml").is_file()]
 
 
 # ------------------------------------------------------------------------------------------- report

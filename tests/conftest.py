@@ -21,6 +21,25 @@ TINY = [
     "method_args.views.size=32",
 ]
 
+# The same for a ViT recipe (masked modeling; DINO / MoCo v3 on a ViT): one narrow block, 4-px patches on 32-px
+# images (an 8x8 grid, so SimMIM's mask cells of 2x2 patches make a 4x4 grid).
+TINY_VIT = [
+    "encoder.image_size=32",
+    "encoder.model_args={patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2}",
+    "data.batch_size=32",
+    "data.num_workers=0",
+    "train.log_every=1",
+    "method_args.views.size=32",
+]
+TINY_VIT_ENCODER = {"arch": "vit_tiny_patch16_224", "image_size": 16,
+                    "model_args": {"patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}}
+
+
+def tiny(recipe) -> list[str]:
+    """The tiny-encoder overrides for ``recipe``: TINY for a CNN, TINY_VIT for a ViT."""
+    return TINY_VIT if recipe.encoder.arch.startswith("vit") else TINY
+
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

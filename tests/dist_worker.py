@@ -41,6 +41,10 @@ def build(name: str, workdir: str = ".", extra_args: dict | None = None):
 
     method, args = VARIANTS.get(name, (name, {}))
     encoder = {"arch": "resnet18", "cifar_stem": True, "image_size": 16, "model_args": {"channels": [8, 16, 16, 16]}}
+    if get_method(method).needs_vit:  # masked modeling: a one-block ViT, 4-px patches (a 4x4 grid)
+        from conftest import TINY_VIT_ENCODER
+
+        encoder = TINY_VIT_ENCODER
     if get_method(method).needs_text:  # an image–text method: a one-layer CLIP from a JSON config
         (Path(workdir) / "tiny-clip.json").write_text(json.dumps(TINY_CLIP))
         encoder = {"arch": str(Path(workdir) / "tiny-clip.json"), "image_size": 16}

@@ -46,7 +46,7 @@ def batches(images: torch.Tensor, texts: list[str], step: int, chunks: int, need
     rng = torch.Generator().manual_seed(step)
     n = images.shape[0] // chunks
     return [Batch(images[i * n:(i + 1) * n], texts=texts[i * n:(i + 1) * n] if needs_text else None, rng=rng,
-                  step=step) for i in range(chunks)]
+                  step=step, seed=step, offset=i * n) for i in range(chunks)]
 
 
 def state(method: Method) -> dict[str, torch.Tensor]:

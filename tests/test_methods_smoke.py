@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, TINY
+from conftest import REPO, tiny
 
 from sslhub.methods.base import Batch
 from sslhub.methods.registry import list_methods
@@ -14,7 +14,7 @@ def recipe_for(name):
     for path in sorted((REPO / "recipes").glob("*.yaml")):
         r = load_recipe(path)
         if r.method == name:
-            return load_recipe(path, TINY)
+            return load_recipe(path, tiny(r))
     pytest.fail(f"no recipe in recipes/ for method {name!r}")
 
 

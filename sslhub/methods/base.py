@@ -47,8 +47,22 @@ class Batch:
     images: torch.Tensor  # (B, 3, S, S) uint8
     labels: Optional[torch.Tensor] = None  # (B,) int64, -1 where unknown
     texts: Optional[list[str]] = None  # captions for image–text methods
-    rng: torch.Generator = field(default_factory=torch.Generator)  # the step's seeded generator
+    rng: torch.Generator = field(default_factory=torch.Generator)  # the step's seeded generator (this process's)
     step: int = 0
+    # Per-sample randomness that must not depend on how a step is split across processes and micro-batches
+    # (masked modeling's masks) is drawn for the step's whole global batch from ``seed`` — the same on every
+    # process — and indexed by ``offset``, the position of this batch's first image in that global batch.
+    # Defaults: a seed drawn from ``rng`` and offset = rank × len(images) (one micro-batch a step).
+    seed: Optional[int] = None
+    offset: Optional[int] = None
+
+    def sample_seed(self) -> int:
+        if self.seed is None:
+            self.seed = int(torch.randint(0, 2**62, (1,), generator=self.rng))
+        return self.seed
+
+    def sample_offset(self) -> int:
+        return D.rank() * self.images.shape[0] if self.offset is None else self.offset
 
 
 @dataclass
@@ -61,6 +75,7 @@ class Method(nn.Module):
     Config: ClassVar[type] = MethodConfig
     paper: ClassVar[str] = ""  # "Author et al. YEAR, https://arxiv.org/abs/…", shown by `sslhub methods`
     needs_text: ClassVar[bool] = False  # image–text methods: every training image needs a caption
+    needs_vit: ClassVar[bool] = False  # methods built on a ViT's patch tokens (masked modeling): encoder.arch vit_*
     # True when one sample's loss depends on the other samples of the batch beyond batch norm (in-batch
     # negatives, statistics or assignments computed over the batch): with train.accumulate > 1 those see one
     # micro-batch, not the whole step (the trainer says so)

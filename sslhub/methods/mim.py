@@ -24,6 +24,7 @@ from safetensors.torch import save
 
 from sslhub.config import check
 from sslhub.data.augment import ViewConfig, eval_transform
+from sslhub.errors import InputError
 from sslhub.methods.base import Batch, Method, MethodConfig
 from sslhub.models import patches as P
 from sslhub.publish.export import Evaluate, Files, export_encoder
@@ -47,6 +48,7 @@ class MaskedModelingConfig(MethodConfig):
 class MaskedModeling(Method):
     """Base of the masked-image-modeling methods; see the module docstring."""
 
+    needs_vit = True
     head_keys: ClassVar[tuple[str, ...]] = ()  # state-dict prefixes of the reconstruction head (exported aside)
 
     def __init__(self, backbone, cfg: MaskedModelingConfig):
@@ -55,7 +57,16 @@ class MaskedModeling(Method):
         self.patch = P.patch_size(self.vit)
         self.grid = P.grid_size(self.vit)
         self.n_patches = self.grid[0] * self.grid[1]
+        self.check_masking(self.n_patches, "patches")
         self.augment = self.view_pipeline(cfg.views)
+
+    def check_masking(self, units: int, what: str) -> None:
+        """A mask must hide something and leave something: ``round(mask_ratio · units)`` in [1, units − 1]."""
+        n = P.n_hidden(units, self.cfg.mask_ratio)
+        if not 1 <= n < units:
+            raise InputError(f"{self.name}: method_args.mask_ratio={self.cfg.mask_ratio} of {units} {what} hides {n}; "
+                             "a mask must hide at least one and leave one visible (raise the image size or the ratio, "
+                             "or use smaller patches)")
 
     @property
     def vit(self):
@@ -69,9 +80,13 @@ class MaskedModeling(Method):
             return P.block_mask(n, self.grid, self.cfg.mask_ratio, g)
         return P.random_mask(n, self.n_patches, self.cfg.mask_ratio, g)
 
-    def mask_for(self, batch: int, g: torch.Generator, device: torch.device) -> torch.Tensor:
-        """This process's rows of the global batch's masks (drawn first, before the views: see ``patches``)."""
-        return P.draw_for_rank(lambda n: self.draw_mask(n, g), batch).to(device)
+    def mask_for(self, batch: Batch) -> torch.Tensor:
+        """The masks of ``batch``: rows ``offset … offset + B`` of the masks drawn from the step's shared seed, so
+        an image's mask depends on its place in the step's global batch, not on how the step is split over
+        processes or micro-batches (``Batch.seed``)."""
+        g = torch.Generator().manual_seed(batch.sample_seed())
+        start, n = batch.sample_offset(), batch.images.shape[0]
+        return self.draw_mask(start + n, g)[start:].to(batch.images.device)
 
     # -------------------------------------------------------------- what subclasses provide
     def pixel_loss(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -83,9 +98,8 @@ class MaskedModeling(Method):
 
     # -------------------------------------------------------------- training
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        images = batch.images
-        mask = self.mask_for(images.shape[0], batch.rng, images.device)
-        x = self.augment(images, batch.rng)  # (B, 3, S, S) normalised
+        mask = self.mask_for(batch)  # first: the default seed is drawn from batch.rng
+        x = self.augment(batch.images, batch.rng)  # (B, 3, S, S) normalised
         loss, extras = self.pixel_loss(x, mask)
         return {"loss": loss, **extras}
 

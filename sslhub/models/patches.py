@@ -8,8 +8,9 @@ patch-context pretext tasks reuse the grid).  Conventions, those of MAE's offici
 * A mask is a bool tensor ``(B, L)``, **True where a patch is hidden**.  Every sample of a batch hides the same
   number of patches, ``n_hidden(L, ratio) = round(ratio · L)``, so per-sample means and the batch mean agree and
   a loss averaged per process is the loss of the whole batch.
-* Masks are drawn for the **global** batch from the step's generator and each process takes its own rows
-  (``draw_for_rank``): with a generator shared by the processes the masks do not depend on how many there are.
+* Masks are drawn for the step's **global** batch from a seed shared by the processes, and each batch takes its
+  own rows (``MaskedModeling.mask_for``, ``Batch.seed``/``offset``): an image's mask does not depend on how many
+  processes or micro-batches the step is split into.
 
 ``encode_visible`` runs a timm ``VisionTransformer`` on the visible patches only (MAE's encoder: the sequence is
 the prefix tokens + the visible patches, so compute falls with the masking ratio); ``encode_with_mask_token``
@@ -19,13 +20,11 @@ parameters and names untouched, so the trained encoder is exported as the plain 
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-import sslhub.distributed as D
 from sslhub.errors import InputError
 
 
@@ -115,9 +114,8 @@ def fix_pos_embed(vit: nn.Module) -> None:
 
 # ------------------------------------------------------------------ masks
 def n_hidden(n_patches: int, ratio: float) -> int:
-    """Patches hidden per sample: ``round(ratio · L)``, at least one visible when ratio < 1."""
-    n = int(round(ratio * n_patches))
-    return min(n, n_patches - 1) if ratio < 1 else n_patches
+    """Patches hidden per sample: ``round(ratio · L)`` (methods check it is in [1, L − 1])."""
+    return int(round(ratio * n_patches))
 
 
 def random_mask(batch: int, n_patches: int, ratio: float, g: torch.Generator) -> torch.Tensor:
@@ -176,13 +174,6 @@ def coarse_mask(batch: int, grid: tuple[int, int], scale: int, ratio: float, g: 
                          "(method_args.mask_patch_size must be a multiple of the patch size dividing the image)")
     cells = random_mask(batch, (gh // scale) * (gw // scale), ratio, g).reshape(batch, gh // scale, gw // scale)
     return cells.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2).reshape(batch, gh * gw)
-
-
-def draw_for_rank(draw: Callable[[int], torch.Tensor], batch: int) -> torch.Tensor:
-    """``draw(world · batch)`` rows for the global batch; this process's ``batch`` rows.  With the same generator
-    on every process, sample ``i`` of the global batch gets the same mask however many processes there are."""
-    rows = draw(D.world_size() * batch)
-    return rows[D.rank() * batch : (D.rank() + 1) * batch]
 
 
 # ------------------------------------------------------------------ the ViT on visible / mask-token patches

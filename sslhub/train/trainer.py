@@ -167,9 +167,11 @@ class Trainer:
         idx = self.plan.indices(step)  # (step_batch / world,)
         texts = pick_captions(self.data.texts, idx, rng) if self.data.texts is not None else None
         micro = self.recipe.data.batch_size // self.world
+        shared = step_seed(self.recipe.seed, step, -1)  # the same on every process (see Batch.seed)
         return [Batch(self.data.images[idx[s : s + micro]].to(self.device),
                       self.data.labels[idx[s : s + micro]].to(self.device),
-                      texts=texts[s : s + micro] if texts is not None else None, rng=rng, step=step)
+                      texts=texts[s : s + micro] if texts is not None else None, rng=rng, step=step,
+                      seed=shared, offset=self.rank * len(idx) + s)
                 for s in range(0, len(idx), micro)]
 
     def autocast(self) -> contextlib.AbstractContextManager:
