@@ -1,4 +1,5 @@
-"""A Gradio demo for any encoder sslhub loads: zero-shot, retrieval, nearest neighbours, attention maps.
+"""A Gradio demo for any encoder sslhub loads: zero-shot, retrieval, nearest neighbours, attention maps, and
+reconstructions for masked-modeling exports.
 
     sslhub demo open_clip:ViT-B-32/laion2b_s34b_b79k --data data/flickr8k-sample
     sslhub demo runs/quickstart/export --data data/cifar10-sample --split test
@@ -16,6 +17,11 @@ Tabs (each endpoint has an ``api_name`` for ``gradio_client``):
   similarity-weighted k-NN vote.
 - attention (``/attention``): for ViT encoders, the last layer's class-token attention over the image
   (``sslhub.inference.attention``).
+- reconstruct (``/reconstruct``): for a masked-modeling export folder (MAE, SimMIM: ``config.json``'s
+  ``sslhub.masked_modeling`` and ``mim_head.safetensors``), an image, a masking ratio (default the checkpoint's)
+  and a seed → original | masked | reconstruction | reconstruction + visible patches, with the share of
+  patches actually hidden (``sslhub.apps.demo_reconstruct``). Other models get the tab with a one-line
+  explanation and no endpoint.
 
 The index is a saved folder (``sslhub index build``) or a data set embedded at start (``data=``).
 Safety: binds 127.0.0.1 unless told otherwise, no share link unless asked, Gradio analytics off (set
@@ -58,6 +64,7 @@ from sslhub.apps.demo_backend import (  # noqa: E402
     read_upload,
     user_errors,
 )
+from sslhub.apps.demo_reconstruct import Reconstructor  # noqa: E402
 from sslhub.apps.demo_serve import FIRST_PORT, _announce, _port_message, check_port, demo_command  # noqa: E402
 from sslhub.inference.load import load_encoder  # noqa: E402
 from sslhub.inference.loaders.base import Encoder  # noqa: E402
@@ -71,7 +78,7 @@ __all__ = [
     "Backend", "ReportingText", "read_upload", "parse_labels", "user_errors", "prompt_progress",
     "decode_size", "index_data", "index_folder", "check_port", "demo_command", "log",
     "MAX_PIXELS", "WORK_SIDE", "MAX_LABELS", "PROMPT_BATCH", "CLASSIFIERS", "FIRST_PORT", "SHOTS",
-    "KNN_TEMPERATURE", "THUMB_SIDE", "NO_INDEX",
+    "KNN_TEMPERATURE", "THUMB_SIDE", "NO_INDEX", "Reconstructor",
 ]
 
 MAX_UPLOAD = "50mb"  # Gradio refuses larger files before they reach the handlers
@@ -107,7 +114,8 @@ def build_demo(model: str | Path | Encoder, index: str | Path | Index | None = N
                concurrency: int = 2, max_queue: int = 64, workers: int = 0) -> gr.Blocks:
     """The demo as a queued ``gr.Blocks`` (not yet launched).
 
-    ``model``: anything ``load_encoder`` takes, or an ``Encoder``. ``index``: a saved index folder or an
+    ``model``: anything ``load_encoder`` takes, or an ``Encoder`` (a masked-modeling export folder, or an
+    ``Encoder`` loaded from one, also gets the Reconstruct tab). ``index``: a saved index folder or an
     ``Index``; ``data`` (instead): a data set embedded now (``split`` of shards, ``workers`` decoding
     processes). ``examples``: example image files (default: ``demos/examples`` of a source checkout).
     ``concurrency`` requests run at once, up to ``max_queue`` more wait; beyond that Gradio answers
@@ -126,6 +134,7 @@ def build_demo(model: str | Path | Encoder, index: str | Path | Index | None = N
     else:
         idx = None
     be = Backend(encoder, idx, samples, k)
+    rec = Reconstructor.for_model(model, encoder)
     files = [Path(f) for f in examples] if examples is not None else sorted(EXAMPLES.glob("*.jpg"))
     where = (f"{len(idx)} images of `{idx.info.get('data', 'the index')}`" if idx is not None else "no index")
     with gr.Blocks(title="sslhub demo", analytics_enabled=False) as demo:
@@ -136,6 +145,7 @@ def build_demo(model: str | Path | Encoder, index: str | Path | Index | None = N
             _retrieval_tab(be, files, k)
             _neighbours_tab(be, files, k)
             _attention_tab(be, files)
+            _reconstruct_tab(rec, files)
     return demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
 
 
@@ -218,6 +228,31 @@ def _attention_tab(be: Backend, files: Sequence[Path]) -> None:
                 out = gr.Image(label="attention", type="pil", format="png", elem_id="at-output", height=360)
                 notes = gr.Markdown(label="notes", elem_id="at-notes")
     _clears_errors(run.click(be.attention, [image, head], [out, notes], api_name="attention", preprocess=False))
+
+
+def _reconstruct_tab(rec: Reconstructor, files: Sequence[Path]) -> None:
+    with gr.Tab("Reconstruct", elem_id="tab-reconstruct"):
+        gr.Markdown(f"Reconstruction is not available: {rec.unavailable}" if rec.unavailable else
+                    f"{rec.title} hides a share of the image's patches and paints them back from the visible "
+                    "ones: original | masked input | reconstruction | reconstruction with the visible patches "
+                    "pasted back.", elem_id="rc-info")
+        if rec.unavailable:
+            return  # no endpoint: /reconstruct exists only where a model can reconstruct
+        with gr.Row():
+            with gr.Column():
+                image = _image_input("rc-image")
+                low, high = rec.ratio_range
+                ratio = gr.Slider(low, high, value=rec.default_ratio, step=0.01, label="masking ratio (share of "
+                                  "patches hidden)", elem_id="rc-ratio")
+                seed = gr.Number(0, precision=0, minimum=0, label="seed (which patches are hidden)", elem_id="rc-seed")
+                run = gr.Button("Reconstruct", variant="primary", elem_id="rc-run")
+                _examples(files, image)
+            with gr.Column(scale=2):
+                out = gr.Image(label="original | masked | reconstruction | reconstruction + visible", type="pil",
+                               format="png", elem_id="rc-output", height=360)
+                notes = gr.Markdown(label="notes", elem_id="rc-notes")
+    _clears_errors(run.click(rec.reconstruct, [image, ratio, seed], [out, notes], api_name="reconstruct",
+                             preprocess=False))
 
 
 # ------------------------------------------------------------------------------------------- serve

@@ -60,8 +60,16 @@ class MaskedModeling(Method):
         self.check_masking(self.n_patches, "patches")
         self.augment = self.view_pipeline(cfg.views)
 
-    def check_masking(self, units: int, what: str) -> None:
-        """A mask must hide something and leave something: ``round(mask_ratio · units)`` in [1, units − 1]."""
+    def check_masking(self, units: int, what: str, ratio: float | None = None) -> None:
+        """A mask must hide something and leave something: ``round(ratio · units)`` in [1, units − 1] (``ratio``:
+        the config's ``mask_ratio`` unless given)."""
+        if ratio is not None:
+            n = P.n_hidden(units, ratio) if 0 < ratio < 1 else None  # also refuses NaN
+            if n is None or not 1 <= n < units:
+                hides = "is not in (0, 1)" if n is None else f"hides {n} of the {units} {what}"
+                raise InputError(f"{self.name}: a masking ratio of {ratio} {hides}; a mask must hide at least one "
+                                 f"and leave one visible (a ratio from {1 / units:.3g} to {1 - 1 / units:.3g})")
+            return
         n = P.n_hidden(units, self.cfg.mask_ratio)
         if not 1 <= n < units:
             raise InputError(f"{self.name}: method_args.mask_ratio={self.cfg.mask_ratio} of {units} {what} hides {n}; "
@@ -76,9 +84,15 @@ class MaskedModeling(Method):
     # -------------------------------------------------------------- masks
     def draw_mask(self, n: int, g: torch.Generator) -> torch.Tensor:
         """``(n, L)`` bool masks (True = hidden) for ``n`` samples."""
+        return self.mask_at(n, self.cfg.mask_ratio, g)
+
+    def mask_at(self, n: int, ratio: float, g: torch.Generator) -> torch.Tensor:
+        """Masks drawn as ``draw_mask`` draws them but hiding the share ``ratio`` (the demo's slider); ``InputError``
+        for a ratio that hides nothing or everything."""
+        self.check_masking(self.n_patches, "patches", ratio)
         if self.cfg.masking == "block":
-            return P.block_mask(n, self.grid, self.cfg.mask_ratio, g)
-        return P.random_mask(n, self.n_patches, self.cfg.mask_ratio, g)
+            return P.block_mask(n, self.grid, ratio, g)
+        return P.random_mask(n, self.n_patches, ratio, g)
 
     def mask_for(self, batch: Batch) -> torch.Tensor:
         """The masks of ``batch``: rows ``offset … offset + B`` of the masks drawn from the step's shared seed, so

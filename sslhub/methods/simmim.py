@@ -74,8 +74,9 @@ class SimMIM(MaskedModeling):
         self.decoder = nn.Sequential(nn.Conv2d(backbone.dim, self.patch ** 2 * 3, kernel_size=1),
                                      nn.PixelShuffle(self.patch))
 
-    def draw_mask(self, n, g):
-        return P.coarse_mask(n, self.grid, self.scale, self.cfg.mask_ratio, g)
+    def mask_at(self, n, ratio, g):
+        self.check_masking((self.grid[0] // self.scale) * (self.grid[1] // self.scale), "mask cells", ratio)
+        return P.coarse_mask(n, self.grid, self.scale, ratio, g)
 
     def predict(self, x, mask):
         tokens = P.encode_with_mask_token(self.vit, x, mask, self.mask_token)  # (B, P + L, D)
