@@ -15,6 +15,7 @@ encoder as the plain timm ViT plus the reconstruction head in its own file:
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -22,12 +23,16 @@ from typing import Any, ClassVar, Literal
 import torch
 from safetensors.torch import save
 
-from sslhub.config import check
+from sslhub import formats
+from sslhub.config import check, from_dict, to_dict
 from sslhub.data.augment import ViewConfig, eval_transform
 from sslhub.errors import InputError
 from sslhub.methods.base import Batch, Method, MethodConfig
+from sslhub.methods.registry import get_method
 from sslhub.models import patches as P
+from sslhub.models.encoder_config import EncoderConfig
 from sslhub.publish.export import Evaluate, Files, export_encoder
+from sslhub.publish.pictures import image_grid
 
 MIM_HEAD = "mim_head.safetensors"
 PICTURE = "reconstructions.png"
@@ -161,8 +166,6 @@ class MaskedModeling(Method):
     @torch.no_grad()
     def pictures(self, images: torch.Tensor, seed: int = 0) -> dict[str, tuple[bytes, str]]:
         """The reconstruction grid of ``images`` (fixed held-out images, masks from ``seed``) as PNG bytes."""
-        from sslhub.publish.pictures import image_grid
-
         if images.shape[0] == 0:
             return {}
         mask = self.draw_mask(images.shape[0], torch.Generator().manual_seed(seed))
@@ -181,8 +184,6 @@ class MaskedModeling(Method):
 
     def export(self, folder: str | Path, info: dict[str, Any], evaluate: Evaluate | None = None,
                files: Files | None = None) -> Path:
-        from sslhub.config import to_dict
-
         head = save(self.head_state(), metadata={"format": "pt"})
         info = {**info, "masked_modeling": {"method": self.name, "method_args": to_dict(self.cfg), "head": MIM_HEAD}}
         return export_encoder(self.exported_backbone(), folder, info, evaluate=evaluate,
@@ -192,15 +193,7 @@ class MaskedModeling(Method):
 def load_masked_model(folder: str | Path, device: str | torch.device = "cpu") -> MaskedModeling:
     """A masked-modeling export (encoder + ``mim_head.safetensors``) rebuilt as its method, in eval mode, for
     reconstructions (the demo's reconstruct view).  Safetensors only."""
-    import json
-
     from safetensors.torch import load_file
-
-    from sslhub import formats
-    from sslhub.errors import InputError
-    from sslhub.methods.registry import get_method
-    from sslhub.config import from_dict
-    from sslhub.models.encoder_config import EncoderConfig
 
     folder = Path(folder)
     config = json.loads((folder / formats.CONFIG).read_text())
