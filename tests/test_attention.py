@@ -56,22 +56,26 @@ def image():
     return Image.open(EXAMPLE).convert("RGB").crop((0, 10, 128, 110))  # not square: exercises the crop
 
 
-@pytest.mark.parametrize("reg_tokens", [0, 4])
-def test_timm_vit_matches_manual(tmp_path, image, reg_tokens):
+# dynamic_img_size: DINO's ViT recipe (its local crops are smaller than the global ones)
+@pytest.mark.parametrize("reg_tokens, dynamic", [(0, False), (4, False), (0, True)])
+def test_timm_vit_matches_manual(tmp_path, image, reg_tokens, dynamic):
     import timm
 
     torch.manual_seed(0)
-    args = dict(img_size=32, patch_size=8, depth=2, reg_tokens=reg_tokens, num_classes=0)
+    args = dict(img_size=32, patch_size=8, depth=2, reg_tokens=reg_tokens, num_classes=0, dynamic_img_size=dynamic)
     timm.models.save_for_hf(timm.create_model("vit_tiny_patch16_224", pretrained=False, **args).eval(),
                             str(tmp_path), model_args=args, safe_serialization=True)
     enc = load_encoder(tmp_path)  # a timm Hub-layout folder
     assert enc.model.num_prefix_tokens == 1 + reg_tokens
-    ref = _timm_reference(enc.model, enc.preprocess(image)[None], 3)
+    x = enc.preprocess(image)[None]
+    g = x.shape[-1] // 8  # 4 (32 px); a dynamic-size folder is served at timm's default 224 px: 28
+    assert g == (28 if dynamic else 4)
+    ref = _timm_reference(enc.model, x, 3)
     heads = attention_heads(enc, image)
-    assert heads.shape == (3, 4, 4) and num_heads(enc) == 3
+    assert heads.shape == (3, g, g) and num_heads(enc) == 3
     np.testing.assert_allclose(heads.reshape(3, -1), ref, atol=1e-6)
-    np.testing.assert_allclose(attention_map(enc, image), ref.mean(0).reshape(4, 4), atol=1e-6)
-    np.testing.assert_allclose(attention_map(enc, image, head=2), ref[2].reshape(4, 4), atol=1e-6)
+    np.testing.assert_allclose(attention_map(enc, image), ref.mean(0).reshape(g, g), atol=1e-6)
+    np.testing.assert_allclose(attention_map(enc, image, head=2), ref[2].reshape(g, g), atol=1e-6)
     with pytest.raises(ValueError, match="head must be in 0..2"):
         attention_map(enc, image, head=3)
 

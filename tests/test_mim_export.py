@@ -94,3 +94,24 @@ def test_a_non_masked_modeling_export_is_refused(tmp_path):
     folder = export_encoder(Backbone(EncoderConfig(arch="resnet18", image_size=32)), tmp_path / "e", {"method": "x"})
     with pytest.raises(InputError, match="not a masked-modeling export"):
         load_masked_model(folder)
+
+
+def test_dino_vit_recipe_exports_a_teacher_with_attention_maps(tmp_path):
+    """recipes/dino_vit_imagenette.yaml (a ViT with dynamic_img_size for the local crops) exports a teacher that the
+    demo's attention tab reads at the encoder's own size: one map per head over the patch grid."""
+    from PIL import Image
+
+    from sslhub.inference.attention import attention_heads
+
+    r = load_recipe(REPO / "recipes/dino_vit_imagenette.yaml",
+                    [*TINY_VIT, "encoder.model_args={patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2, "
+                                "dynamic_img_size: true}", "method_args.views2.size=32",
+                     "method_args.local_views.size=16", "method_args.n_local_views=2", "method_args.out_dim=64",
+                     "method_args.hidden_dim=64", "method_args.bottleneck_dim=32", "data.batch_size=16",
+                     "train.max_steps=2", "eval.knn.test="])
+    result = Trainer(r, tmp_path, progress=False).fit()
+    enc = load_encoder(result["export"])
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8))
+    heads = attention_heads(enc, img)
+    assert heads.shape == (2, 8, 8)  # 32 px / 4-px patches, 2 heads
+    assert np.all(heads >= 0) and np.all(heads.sum(axis=(1, 2)) <= 1 + 1e-5)  # softmax rows, the class token left out
