@@ -128,10 +128,20 @@ def run_row(name: str, recipe: str, extra: list[str], args, train: DecodedImages
         if f.endswith("_epochs"):
             over.append(f"method_args.{f}={getattr(r0.method_args, f) * ratio:.6g}")
     recipe_obj = load_recipe(REPO / "recipes" / f"{recipe}.yaml", over)
-    log.info("%s: %.1f GFLOP/step → %d steps (%.2f epochs)", name, flops / 1e9, steps, run_epochs)
-    cpu0, t0 = cpu_seconds(), time.perf_counter()
-    result = PreloadedTrainer(recipe_obj, OUT / args.experiment / f"seed{args.seed}" / slug(name), train).fit()
-    wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+    run_dir = OUT / args.experiment / f"seed{args.seed}" / slug(name)
+    done = run_dir / "metrics.json"
+    if args.reuse and done.is_file() and json.loads(done.read_text()).get("steps") == steps \
+            and json.loads((run_dir / "recipe.json").read_text()) == recipe_obj.to_dict():
+        # the same run was trained before (same recipe, same steps): evaluate its export again
+        log.info("%s: reusing %s (%d steps)", name, run_dir, steps)
+        old = json.loads(args.previous.get(name, "{}"))
+        result = {"export": str(run_dir / "export"), **json.loads(done.read_text())}
+        wall, cpu = old.get("train_wall_s", float("nan")), old.get("train_cpu_s", float("nan"))
+    else:
+        log.info("%s: %.1f GFLOP/step → %d steps (%.2f epochs)", name, flops / 1e9, steps, run_epochs)
+        cpu0, t0 = cpu_seconds(), time.perf_counter()
+        result = PreloadedTrainer(recipe_obj, run_dir, train).fit()
+        wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     return {"row": name, "method": recipe_obj.method, "recipe": f"recipes/{recipe}.yaml",
             "gflop_per_step": round(flops / 1e9, 2), "steps": steps, "epochs": round(run_epochs, 3),
             "train_wall_s": round(wall, 1), "train_cpu_s": round(cpu, 1), "overrides": over,
@@ -216,20 +226,32 @@ def plot_ablation(rows: dict[str, list[dict]]) -> None:
     plt.close(fig)
 
 
+def command(rows: dict[str, list[dict]], experiment: str) -> str:
+    """The command that reruns ``experiment`` with the settings its rows were measured with."""
+    s = setting(rows)
+    seeds = sorted({r["seed"] for rs in rows.values() for r in rs})
+    cmd = f"python bench/mim_imagenette.py --experiment {experiment} --seeds {' '.join(map(str, seeds))}"
+    defaults = {"budget_tflop": 16.0, "batch": 128, "ft_images": 2000, "ft_epochs": 3, "ft_lr": 3e-3}
+    for k, d in defaults.items():
+        if s[k] != d:
+            cmd += f" --{k.replace('_', '-')} {s[k]:g}"
+    return f"Command: `{cmd}` (add `--threads 1` to run two experiments side by side; `--report-only` rewrites " \
+           "this section from bench/results/mim_imagenette)."
+
+
 def report() -> None:
     rows = load_rows("table")
     if rows:
         body = table_md(rows, [*TABLE, RANDOM], "method")
         update_section(REPO / "BENCHMARKS.md", "mim_imagenette",
                        "ViT methods on Imagenette-96 under one compute budget (issue 15)",
-                       body + "\n\nCommand: `python bench/mim_imagenette.py --experiment table --seeds 0 1`.")
+                       body + "\n\n" + command(rows, "table"))
     rows = load_rows("ablation")
     if rows:
         plot_ablation(rows)
         body = table_md(rows, list(ABLATION), "MAE masking")
         update_section(REPO / "BENCHMARKS.md", "mae_ablation", "MAE masking ablation on Imagenette-96 (issue 15)",
-                       body + f"\n\n![MAE masking ablation]({FIGURE.relative_to(REPO)})\n\nCommand: "
-                       "`python bench/mim_imagenette.py --experiment ablation --seeds 0 1`.")
+                       body + f"\n\n![MAE masking ablation]({FIGURE.relative_to(REPO)})\n\n" + command(rows, "ablation"))
 
 
 def main(argv=None) -> None:
@@ -238,13 +260,15 @@ def main(argv=None) -> None:
     p.add_argument("--data", default=str(REPO.parent / "shared/data/imagenette96"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--rows", nargs="*", default=None, help="only these rows (names as in the table)")
-    p.add_argument("--budget-tflop", type=float, default=12.0)
+    p.add_argument("--budget-tflop", type=float, default=16.0)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--ft-images", type=int, default=2000)
-    p.add_argument("--ft-epochs", type=float, default=4)
-    p.add_argument("--ft-lr", type=float, default=1e-3)
+    p.add_argument("--ft-epochs", type=float, default=3)
+    p.add_argument("--ft-lr", type=float, default=3e-3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="skip rows already measured")
+    p.add_argument("--reuse", action="store_true", help="re-evaluate runs already trained with the same recipe and "
+                   "steps (under bench/out) instead of training them again")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -264,6 +288,7 @@ def main(argv=None) -> None:
                 if args.resume and path.is_file():
                     continue
                 recipe, extra = rows[name]
+                args.previous = {name: path.read_text()} if path.is_file() else {}
                 row = run_row(name, recipe, extra, args, train, test)
                 row.update(seed=seed, experiment=args.experiment, budget_tflop=args.budget_tflop, batch=args.batch,
                            n_train=len(train), n_test=len(test), ft_images=args.ft_images, ft_epochs=args.ft_epochs,
