@@ -258,3 +258,27 @@ def test_reconstruction_panels_paste_the_visible_patches():
     assert torch.equal(pasted[~px], orig[~px]) and torch.equal(pasted[px], rec[px])
     assert (masked[px].float() - 128).abs().max() <= 1  # hidden patches grey
     assert np.array_equal(orig.numpy(), x.numpy())  # at the encoder's size, no resize: the original pixels
+
+
+# ------------------------------------------------------------------ a peer library: lightly's MAE pieces
+def test_patches_positions_and_visible_encoding_agree_with_lightly():
+    """lightly (a peer SSL library; its MAE follows the official code) on the same weights: patchify, the 2-D
+    sin-cos table and a timm ViT encoding only the kept tokens."""
+    import copy
+
+    lightly_utils = pytest.importorskip("lightly.models.utils")
+    from lightly.models.modules import MaskedVisionTransformerTIMM
+
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(P.patchify(x, 4), lightly_utils.patchify(x, 4))
+    want = lightly_utils.get_2d_sincos_pos_embed(32, 8, cls_token=True)
+    assert np.allclose(P.sincos_pos_embed_2d(32, (8, 8), 1).numpy(), want, atol=1e-6)
+
+    m = build("mae")
+    peer = MaskedVisionTransformerTIMM(vit=copy.deepcopy(m.vit))
+    peer.vit.load_state_dict(m.vit.state_dict())  # the same weights, whatever the wrapper initialised
+    mask = m.draw_mask(3, torch.Generator().manual_seed(1))
+    keep = P.keep_indices(mask)
+    idx_keep = torch.cat([torch.zeros(3, 1, dtype=torch.long), keep + 1], dim=1)  # lightly counts the class token
+    with torch.no_grad():
+        assert torch.allclose(P.encode_visible(m.vit, x, mask), peer.encode(x, idx_keep=idx_keep), atol=1e-5)
