@@ -126,6 +126,12 @@ class MAE(MaskedModeling):
         loss = mae_loss(pred, P.patchify(x, self.patch), mask, self.cfg.norm_pix_loss)
         return loss, {"hidden": mask.float().mean()}
 
+    def picture_note(self):
+        if not self.cfg.norm_pix_loss:
+            return ""
+        return ("; the target is each patch normalised by its own mean and std, so the reconstruction is shown with "
+                "the true patches' mean and std: the model predicts the structure within each patch, not its colour")
+
     def predict(self, x, mask):
         """Pixels of every patch; with ``norm_pix_loss`` the prediction is in units of each patch's own statistics,
         so it is shown with the true patch's mean and std (as the official visualisation does)."""

@@ -173,8 +173,12 @@ class MaskedModeling(Method):
         png = image_grid(panels, ["original", f"masked {self.cfg.mask_ratio:.0%}", "reconstruction",
                                   "recon. + visible"])
         caption = (f"{self.name} reconstructions of held-out images ({self.cfg.mask_ratio:.0%} of the patches hidden, "
-                   f"{self.cfg.masking} masking)")
+                   f"{self.cfg.masking} masking{self.picture_note()})")
         return {PICTURE: (png, caption)}
+
+    def picture_note(self) -> str:
+        """What a reader of the pictures must know about how the reconstruction is shown ("" or ", …")."""
+        return ""
 
     # -------------------------------------------------------------- export
     def head_state(self) -> dict[str, torch.Tensor]:
