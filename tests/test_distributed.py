@@ -75,19 +75,16 @@ def assert_states_close(two: dict[str, torch.Tensor], one: dict[str, torch.Tenso
         assert diff <= tol, f"{what}, {k}: max diff {diff:.3g}, the tensor moved {moved[k]:.3g} after step 1"
 
 
-@pytest.mark.parametrize("method", list(TRAINED))
-def test_torchrun_training_equals_one_process(tmp_path, method):
-    """The whole trainer: 2 processes x 8 images = 1 process x 16 images, step for step: every checkpoint's
-    model state (online and momentum weights, BN statistics, queue) and the export."""
-    sets = ["encoder.model_args.channels=[8,16,16,16]", "encoder.model_args.zero_init_last=false",
-            "encoder.model_args.act_layer=silu",
-            "data.batch_size=16", "data.num_workers=0", f"train.max_steps={TRAIN_STEPS}", "train.ckpt_every=1",
-            f"train.keep_checkpoints={TRAIN_STEPS}", "eval.knn.test=", f"method_args.views={STILL_VIEWS}",
-            *([f"method_args.views_prime={STILL_VIEWS}"] if method == "byol" else []), *TRAINED[method]]
-    args = [str(REPO / f"recipes/{method}_cifar10.yaml"), *(a for s in sets for a in ("--set", s)), "--no-progress"]
+def train_two_and_one(tmp_path, recipe: str, sets: list[str], one_sets: list[str] = ()) -> tuple[dict, dict, dict]:
+    """``recipe`` with ``sets`` trained by 2 processes and by 1 (with ``one_sets`` on top); every checkpoint's
+    model state of both runs by step, and how far each tensor moved in the one-process run from step 1."""
+    sets = [*sets, "data.num_workers=0", f"train.max_steps={TRAIN_STEPS}", "train.ckpt_every=1",
+            f"train.keep_checkpoints={TRAIN_STEPS}", "eval.knn.test="]
+    args = [str(REPO / recipe), *(a for s in sets for a in ("--set", s)), "--no-progress"]
     subprocess.run([*TORCHRUN, "-m", "sslhub", "train", *args, "--out", str(tmp_path / "two")], check=True,
                    env=ENV, cwd=REPO, timeout=300, capture_output=True)
-    one = subprocess.run([sys.executable, "-m", "sslhub", "train", *args, "--out", str(tmp_path / "one")],
+    one_args = [*args, *(a for s in one_sets for a in ("--set", s))]
+    one = subprocess.run([sys.executable, "-m", "sslhub", "train", *one_args, "--out", str(tmp_path / "one")],
                          check=True, env={**ENV, "OMP_NUM_THREADS": "2"}, cwd=REPO, timeout=300,
                          capture_output=True, text=True)
     assert json.loads(one.stdout.strip().splitlines()[-1])["steps"] == TRAIN_STEPS
@@ -97,16 +94,48 @@ def test_torchrun_training_equals_one_process(tmp_path, method):
     assert sorted(states["one"]) == sorted(states["two"]) == list(range(1, TRAIN_STEPS + 1))
     first, last = states["one"][1], states["one"][TRAIN_STEPS]
     moved = {k: (last[k].double() - first[k].double()).abs().max().item() for k in last if last[k].is_floating_point()}
-    convs = [k for k in moved if k.startswith("backbone.") and "conv" in k]
-    assert convs and all(moved[k] > 0 for k in convs)  # every convolution trained, residual branches too
+    return states["one"], states["two"], moved
+
+
+def assert_runs_close(tmp_path, one: dict, two: dict, moved: dict, what: str) -> None:
+    """Every checkpoint and the export (the online backbone of the last step) of the two runs."""
     for step in range(1, TRAIN_STEPS + 1):
-        assert_states_close(states["two"][step], states["one"][step], moved, f"{method}, after step {step}")
-    # the export is the online backbone of the last step (model.X is checkpoint's backbone.model.X)
+        assert_states_close(two[step], one[step], moved, f"{what}, after step {step}")
     a = load_file(tmp_path / "one/export/model.safetensors")
     b = load_file(tmp_path / "two/export/model.safetensors")
-    assert all(torch.equal(v, last[f"backbone.model.{k}"]) for k, v in a.items())
+    assert all(torch.equal(v, one[TRAIN_STEPS][f"backbone.model.{k}"]) for k, v in a.items())
     assert_states_close(b, a, {k: moved[f"backbone.model.{k}"] for k in a if a[k].is_floating_point()},
-                        f"{method}, export")
+                        f"{what}, export")
+
+
+@pytest.mark.parametrize("method", list(TRAINED))
+def test_torchrun_training_equals_one_process(tmp_path, method):
+    """The whole trainer: 2 processes x 8 images = 1 process x 16 images, step for step: every checkpoint's
+    model state (online and momentum weights, BN statistics, queue) and the export."""
+    sets = ["encoder.model_args.channels=[8,16,16,16]", "encoder.model_args.zero_init_last=false",
+            "encoder.model_args.act_layer=silu", "data.batch_size=16", f"method_args.views={STILL_VIEWS}",
+            *([f"method_args.views_prime={STILL_VIEWS}"] if method == "byol" else []), *TRAINED[method]]
+    one, two, moved = train_two_and_one(tmp_path, f"recipes/{method}_cifar10.yaml", sets)
+    convs = [k for k in moved if k.startswith("backbone.") and "conv" in k]
+    assert convs and all(moved[k] > 0 for k in convs)  # every convolution trained, residual branches too
+    assert_runs_close(tmp_path, one, two, moved, method)
+
+
+def test_torchrun_mae_equals_one_process_with_accumulation(tmp_path):
+    """MAE's masks are keyed to each image's place in the step's global batch (``Batch.seed``/``offset``): 2
+    processes x 8 images and 1 process x 2 micro-batches of 8 (``train.accumulate=2``) hide the same patches of
+    the same images, so the runs agree step for step (a ViT has no batch norm: per-sample loss, exact)."""
+    sets = ["encoder.image_size=32", "encoder.model_args={patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2}",
+            "method_args.decoder_dim=32", "method_args.decoder_depth=1", "method_args.decoder_heads=2",
+            # SGD, not the recipe's AdamW: Adam's first steps are ≈ lr·sign(g), and the sign of a gradient element
+            # within float32 rounding of 0 (the order of the sums decides it) would move it by a whole lr
+            "data.batch_size=16", "optim.warmup_epochs=0", "optim.name=sgd", "optim.lr=0.5",
+            "method_args.views={size: 32, scale: [1.0, 1.0], ratio: [1.0, 1.0], hflip_p: 0.0, jitter_p: 0.0, "
+            "gray_p: 0.0}"]
+    one, two, moved = train_two_and_one(tmp_path, "recipes/mae_imagenette.yaml", sets,
+                                        ["data.batch_size=8", "train.accumulate=2"])
+    assert moved["backbone.model.blocks.0.attn.qkv.weight"] > 0 and moved["decoder.pred.weight"] > 0
+    assert_runs_close(tmp_path, one, two, moved, "mae")
 
 
 def test_a_non_finite_loss_on_one_rank_stops_both_without_a_hang(tmp_path):
