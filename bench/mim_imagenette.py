@@ -192,7 +192,8 @@ def table_md(rows: dict[str, list[dict]], order: list[str], label: str) -> str:
         rs = rows[name]
         r = rs[0]
         shown = f"*{name}*" if name == RANDOM else name
-        cpu = f"{np.median([x['train_cpu_s'] for x in rs]):.0f}" if r["steps"] else "–"
+        cpus = [x["train_cpu_s"] for x in rs if x["train_cpu_s"] == x["train_cpu_s"]]  # NaN: re-evaluated run
+        cpu = f"{np.median(cpus):.0f}" if r["steps"] and cpus else "–"
         lines.append(f"| {shown} | {len(rs)} | {r['gflop_per_step'] or '–'} | {r['steps']} | {r['epochs']} | {cpu} | "
                      f"{med(rs, 'finetune_top1')} | {med(rs, 'knn_top1_k20')} | {med(rs, 'linear_top1')} |")
     return "\n".join(lines)
