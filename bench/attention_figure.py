@@ -74,7 +74,7 @@ def main(argv=None) -> None:
             r += 1
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=110)
+    fig.savefig(args.out, dpi=72)
     print(args.out)
 
 
