@@ -95,29 +95,32 @@ def base_overrides(args) -> list[str]:
             "train.precision=fp32", f"seed={args.seed}"]
 
 
-_FLOPS: dict[str, float] = {}  # method → FLOPs per step: the same for every seed, counted once a sweep
+_FLOPS: dict[tuple, float] = {}  # (recipe, overrides) → FLOPs per step: the same for every seed, counted once
 
 
-def step_flops(method_name: str, overrides: list[str], batch: int) -> float:
-    """FLOPs of one training step (forward + backward) at ``batch`` images (cached per method)."""
-    if method_name in _FLOPS:
-        return _FLOPS[method_name]
-    r = load_recipe(recipe_path(method_name), overrides)
+def step_flops(method_name: str, overrides: list[str], batch: int, path: Path | None = None) -> float:
+    """FLOPs of one training step (forward + backward) at ``batch`` images, for ``path`` (default: the method's
+    CIFAR-10 recipe) with ``overrides`` (cached per recipe and overrides, the seed aside)."""
+    path = path or recipe_path(method_name)
+    key = (str(path), *(o for o in overrides if not o.startswith("seed=")))
+    if key in _FLOPS:
+        return _FLOPS[key]
+    r = load_recipe(path, overrides)
     torch.manual_seed(0)
-    m = list_methods()[method_name].create(r.encoder, r.method_args)
+    m = list_methods()[r.method].create(r.encoder, r.method_args)
     m.train()
     s = r.encoder.image_size
     images = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with FlopCounterMode(display=False) as fc:
         out = m.loss(Batch(images, rng=torch.Generator().manual_seed(0)))
         out["loss"].backward()
-    _FLOPS[method_name] = float(fc.get_total_flops())
-    return _FLOPS[method_name]
+    _FLOPS[key] = float(fc.get_total_flops())
+    return _FLOPS[key]
 
 
-def scaled_schedules(method_name: str, overrides: list[str], run_epochs: float) -> list[str]:
+def scaled_schedules(method_name: str, overrides: list[str], run_epochs: float, path: Path | None = None) -> list[str]:
     """Epoch-denominated schedules scaled by run length / recipe length (each keeps its share of training)."""
-    r = load_recipe(recipe_path(method_name), overrides)
+    r = load_recipe(path or recipe_path(method_name), overrides)
     ratio = run_epochs / r.train.epochs
     out = [f"optim.warmup_epochs={r.optim.warmup_epochs * ratio:.6g}"]
     for f in dataclasses.fields(r.method_args):
@@ -126,8 +129,9 @@ def scaled_schedules(method_name: str, overrides: list[str], run_epochs: float) 
     return out
 
 
-def evaluate(export: Path, bank: DecodedImages, test: DecodedImages) -> dict:
-    enc = load_encoder(export)
+def evaluate(export: Path, bank: DecodedImages, test: DecodedImages, enc=None) -> dict:
+    """k-NN (k = 20, 200) and the linear probe on L2-normalised features of ``export`` (or the loaded ``enc``)."""
+    enc = enc or load_encoder(export)
     fb = enc.embed_images(bank.images, batch_size=512, normalize=True, progress=False)
     ft = enc.embed_images(test.images, batch_size=512, normalize=True, progress=False)
     knn = knn_eval(fb, bank.labels, ft, test.labels, ks=(20, 200))

@@ -39,6 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import bench.methods_cifar10 as cifar  # noqa: E402
 from bench.methods_cifar10 import PreloadedTrainer, cpu_seconds  # noqa: E402
 from bench.report import cpu_name, update_section  # noqa: E402
 from sslhub import load_encoder  # noqa: E402
@@ -46,10 +47,7 @@ from sslhub.atomic import atomic_write_text  # noqa: E402
 from sslhub.data.images import DecodedImages, decode_all  # noqa: E402
 from sslhub.data.sources import open_source  # noqa: E402
 from sslhub.eval.finetune import finetune  # noqa: E402
-from sslhub.eval.knn import knn_eval  # noqa: E402
-from sslhub.eval.linear import balanced_subset, linear_probe  # noqa: E402
-from sslhub.methods.base import Batch  # noqa: E402
-from sslhub.methods.registry import get_method  # noqa: E402
+from sslhub.eval.linear import balanced_subset  # noqa: E402
 from sslhub.models.backbone import Backbone  # noqa: E402
 from sslhub.publish.export import export_encoder  # noqa: E402
 from sslhub.train.recipe import load_recipe  # noqa: E402
@@ -78,35 +76,18 @@ def base_overrides(args) -> list[str]:
             "train.ckpt_every=100000", "train.precision=fp32", f"seed={args.seed}", f"data.train={args.data}"]
 
 
-def step_flops(recipe: str, overrides: list[str], batch: int) -> float:
-    r = load_recipe(REPO / "recipes" / f"{recipe}.yaml", overrides)
-    torch.manual_seed(0)
-    m = get_method(r.method).create(r.encoder, r.method_args)
-    m.configure(1, 1)
-    m.train()
-    s = r.encoder.image_size
-    images = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as fc:
-        m.loss(Batch(images, rng=torch.Generator().manual_seed(0)))["loss"].backward()
-    return float(fc.get_total_flops())
-
-
 def evaluate(export: Path, train: DecodedImages, test: DecodedImages, args) -> dict:
+    """The CIFAR-10 table's k-NN and linear probe (bank = all of train), and fine-tuning on a balanced subset."""
     enc = load_encoder(export)
-    fb = enc.embed_images(train.images, batch_size=256, normalize=True, progress=False)
-    ft = enc.embed_images(test.images, batch_size=256, normalize=True, progress=False)
-    knn = knn_eval(fb, train.labels, ft, test.labels, ks=(20,))
-    lin = linear_probe(fb, train.labels, ft, test.labels)
+    frozen = cifar.evaluate(export, train, test, enc)
     idx = torch.from_numpy(balanced_subset(train.labels.numpy(), args.ft_images / len(train), seed=0))
     sub = dataclasses.replace(train, images=train.images[idx], labels=train.labels[idx],
                               keys=[train.keys[i] for i in idx.tolist()])
     t0 = time.perf_counter()
-    fine = finetune(enc.model, sub, test, epochs=args.ft_epochs,
-                    lr=args.ft_lr, layer_decay=0.75, warmup_epochs=1, seed=args.seed, progress=False)
-    return {"knn_top1_k20": knn["top1@k=20"], "linear_top1": lin["top1"], "finetune_top1": fine["top1"],
-            "finetune_s": round(time.perf_counter() - t0, 1)}
+    fine = finetune(enc.model, sub, test, epochs=args.ft_epochs, lr=args.ft_lr, layer_decay=0.75, warmup_epochs=1,
+                    seed=args.seed, progress=False)
+    return {"knn_top1_k20": frozen["knn_top1_k20"], "linear_top1": frozen["linear_top1"],
+            "finetune_top1": fine["top1"], "finetune_s": round(time.perf_counter() - t0, 1)}
 
 
 def run_row(name: str, recipe: str, extra: list[str], args, train: DecodedImages, test: DecodedImages) -> dict:
@@ -118,16 +99,12 @@ def run_row(name: str, recipe: str, extra: list[str], args, train: DecodedImages
                                 {"method": "none (random init)"})
         return {"row": name, "gflop_per_step": 0, "steps": 0, "epochs": 0, "train_cpu_s": 0, "train_wall_s": 0,
                 **evaluate(folder, train, test, args)}
-    flops = step_flops(recipe, over, args.batch)
+    path = REPO / "recipes" / f"{recipe}.yaml"
+    flops = cifar.step_flops("", over, args.batch, path)
     steps = max(1, int(args.budget_tflop * 1e12 // flops))
-    r0 = load_recipe(REPO / "recipes" / f"{recipe}.yaml", over)
     run_epochs = steps / (len(train) // args.batch)
-    ratio = run_epochs / r0.train.epochs
-    over += [f"optim.warmup_epochs={r0.optim.warmup_epochs * ratio:.6g}", f"train.max_steps={steps}"]
-    for f in r0.method_args.__dataclass_fields__:
-        if f.endswith("_epochs"):
-            over.append(f"method_args.{f}={getattr(r0.method_args, f) * ratio:.6g}")
-    recipe_obj = load_recipe(REPO / "recipes" / f"{recipe}.yaml", over)
+    over += cifar.scaled_schedules("", over, run_epochs, path) + [f"train.max_steps={steps}"]
+    recipe_obj = load_recipe(path, over)
     run_dir = OUT / args.experiment / f"seed{args.seed}" / slug(name)
     done = run_dir / "metrics.json"
     if args.reuse and done.is_file() and json.loads(done.read_text()).get("steps") == steps \

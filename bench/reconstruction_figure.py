@@ -31,7 +31,7 @@ def main(argv=None) -> None:
     method = load_masked_model(args.model)
     test = decode_all(open_source(args.data, args.split), method.backbone.cfg.image_size, progress=False)
     images = test.images[:: args.stride][: args.n]
-    png, caption = method.pictures(images, seed=args.seed)[PICTURE]
+    png, caption = method.pictures(images, f"held-out images ({args.split})", seed=args.seed)[PICTURE]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_bytes(png)
     print(f"{args.out}: {caption}")

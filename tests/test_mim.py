@@ -282,3 +282,15 @@ def test_patches_positions_and_visible_encoding_agree_with_lightly():
     idx_keep = torch.cat([torch.zeros(3, 1, dtype=torch.long), keep + 1], dim=1)  # lightly counts the class token
     with torch.no_grad():
         assert torch.allclose(P.encode_visible(m.vit, x, mask), peer.encode(x, idx_keep=idx_keep), atol=1e-5)
+
+
+def test_mae_initialisation_is_xavier_uniform_with_sincos_positions():
+    """MAE's official init (``mae_init``): Xavier-uniform linear layers, zero biases — not timm's N(0, 0.02)."""
+    m = build("mae")
+    for name, lin in [("qkv", m.vit.blocks[0].attn.qkv), ("decoder.pred", m.decoder.pred)]:
+        bound = math.sqrt(6 / (lin.in_features + lin.out_features))
+        w = lin.weight.abs().max().item()
+        assert 0.9 * bound < w <= bound, f"{name}: max |w| {w:.3g}, Xavier bound {bound:.3g}"
+        assert not lin.bias.any()
+    plain = build("mae", mae_init=False)
+    assert plain.vit.blocks[0].attn.qkv.weight.abs().max().item() < 0.1  # timm's truncated N(0, 0.02)

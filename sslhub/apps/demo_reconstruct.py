@@ -11,7 +11,6 @@ reconstruction + visible patches. Bad input raises ``gr.Error`` (``user_errors``
 from __future__ import annotations
 
 import io
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,15 @@ import torch
 from PIL import Image
 from safetensors import SafetensorError
 
-from sslhub import formats
 from sslhub.apps.demo_backend import log, read_upload, user_errors
 from sslhub.errors import SslhubError
 from sslhub.inference.attention import input_region
 from sslhub.inference.loaders.base import Encoder
-from sslhub.methods.mim import MIM_HEAD, MaskedModeling, load_masked_model
+from sslhub.methods.mim import (
+    MaskedModeling,
+    load_masked_model,
+    masked_modeling_section,
+)
 from sslhub.publish.pictures import image_grid
 
 MIN_RATIO, MAX_RATIO = 0.1, 0.95  # the slider's range (widened to hold the checkpoint's own ratio)
@@ -43,16 +45,7 @@ def masked_modeling_folder(model: str | Path | Encoder) -> Path | None:
     is a masked-modeling export: ``config.json`` with ``sslhub.masked_modeling`` and its head file."""
     text = model.name if isinstance(model, Encoder) else str(model)
     folder = Path(text.removeprefix("local-dir:")) if text else None
-    if folder is None or not (folder / formats.CONFIG).is_file():
-        return None
-    try:
-        section = json.loads((folder / formats.CONFIG).read_text()).get(formats.SSLHUB_SECTION)
-    except (OSError, ValueError, AttributeError):
-        return None
-    mm = section.get("masked_modeling") if isinstance(section, dict) else None
-    if not isinstance(mm, dict) or not (folder / str(mm.get("head", MIM_HEAD))).is_file():
-        return None
-    return folder
+    return folder if folder is not None and masked_modeling_section(folder) is not None else None
 
 
 class Reconstructor:

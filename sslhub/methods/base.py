@@ -124,8 +124,8 @@ class Method(nn.Module):
         return export_encoder(self.exported_backbone(), folder, info, evaluate=evaluate, files=files)
 
     @torch.no_grad()
-    def pictures(self, images: torch.Tensor) -> dict[str, tuple[bytes, str]]:
-        """Pictures of what the method does on fixed held-out uint8 images (file name → (PNG bytes, caption)),
+    def pictures(self, images: torch.Tensor, what: str = "held-out images") -> dict[str, tuple[bytes, str]]:
+        """Pictures of what the method does on fixed uint8 images, ``what`` they are (file name → (PNG bytes, caption)),
         written into the run folder and the export; none by default (masked modeling: reconstructions)."""
         return {}
 

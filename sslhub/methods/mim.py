@@ -164,15 +164,15 @@ class MaskedModeling(Method):
         return [to_uint8(x), to_uint8(x * (1 - px) + grey * px), to_uint8(rec), to_uint8(x * (1 - px) + rec * px)]
 
     @torch.no_grad()
-    def pictures(self, images: torch.Tensor, seed: int = 0) -> dict[str, tuple[bytes, str]]:
-        """The reconstruction grid of ``images`` (fixed held-out images, masks from ``seed``) as PNG bytes."""
+    def pictures(self, images: torch.Tensor, what: str = "held-out images", seed: int = 0) -> dict[str, tuple[bytes, str]]:
+        """The reconstruction grid of ``images`` (fixed images, ``what`` they are; masks from ``seed``) as PNG bytes."""
         if images.shape[0] == 0:
             return {}
         mask = self.draw_mask(images.shape[0], torch.Generator().manual_seed(seed))
         panels = self.reconstruction_panels(images, mask)
         png = image_grid(panels, ["original", f"masked {self.cfg.mask_ratio:.0%}", "reconstruction",
                                   "recon. + visible"])
-        caption = (f"{self.name} reconstructions of held-out images ({self.cfg.mask_ratio:.0%} of the patches hidden, "
+        caption = (f"{self.name} reconstructions of {what} ({self.cfg.mask_ratio:.0%} of the patches hidden, "
                    f"{self.cfg.masking} masking{self.picture_note()})")
         return {PICTURE: (png, caption)}
 
@@ -194,19 +194,32 @@ class MaskedModeling(Method):
                               files={**(files or {}), MIM_HEAD: (head, "")})
 
 
+def masked_modeling_section(folder: str | Path) -> dict | None:
+    """``config.json``'s ``sslhub.masked_modeling`` of a masked-modeling export whose head file is there, else None
+    (no config, unreadable JSON, another kind of export)."""
+    folder = Path(folder)
+    try:
+        section = json.loads((folder / formats.CONFIG).read_text()).get(formats.SSLHUB_SECTION)
+    except (OSError, ValueError, AttributeError):
+        return None
+    mm = section.get("masked_modeling") if isinstance(section, dict) else None
+    if not isinstance(mm, dict) or not (folder / str(mm.get("head", MIM_HEAD))).is_file():
+        return None
+    return mm
+
+
 def load_masked_model(folder: str | Path, device: str | torch.device = "cpu") -> MaskedModeling:
     """A masked-modeling export (encoder + ``mim_head.safetensors``) rebuilt as its method, in eval mode, for
     reconstructions (the demo's reconstruct view).  Safetensors only."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    config = json.loads((folder / formats.CONFIG).read_text())
-    s = config.get(formats.SSLHUB_SECTION, {})
-    mm = s.get("masked_modeling")
-    if not mm or not (folder / mm.get("head", MIM_HEAD)).is_file():
+    mm = masked_modeling_section(folder)
+    if mm is None:
         raise InputError(f"{folder}: not a masked-modeling export (needs config.json's sslhub.masked_modeling and "
                          f"{MIM_HEAD}; train one with recipes/mae_imagenette.yaml or simmim_imagenette.yaml)")
     where = str(folder / formats.CONFIG)
+    s = json.loads((folder / formats.CONFIG).read_text())[formats.SSLHUB_SECTION]
     enc = from_dict(EncoderConfig, s["encoder"], where, prefix="sslhub.encoder.")
     cls = get_method(mm["method"])
     method = cls.create(enc, from_dict(cls.Config, mm["method_args"], where, prefix="sslhub.masked_modeling.method_args."))

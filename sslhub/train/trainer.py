@@ -335,9 +335,10 @@ class Trainer:
     def pictures(self, test: DecodedImages | None, n: int = 8) -> dict[str, tuple[bytes, str]]:
         """The method's pictures (masked modeling: reconstructions) of the first ``n`` held-out images (training
         images when there is no held-out split), written into the run folder; returned for the export."""
-        images = test.images[:n] if test is not None else self.data.images[:n]
+        images, what = (test.images[:n], "held-out images") if test is not None else \
+            (self.data.images[:n], "training images (no held-out split)")
         with self.autocast():
-            files = self.method.pictures(images.to(self.device))
+            files = self.method.pictures(images.to(self.device), what)
         for name, (data, _) in files.items():
             atomic_write_bytes(self.out / name, data)
         return files
