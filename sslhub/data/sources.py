@@ -12,7 +12,9 @@ path, an integer label or -1, an optional caption) and the class names when know
   ``--csv-img-key`` / ``--csv-caption-key`` layout; relative paths are relative to the CSV file).
 
 Shards hold ``<key>.jpg|png|webp`` plus optional ``<key>.cls`` (class index), ``<key>.txt``
-(caption) and ``<key>.json``.  A shard is read whole into memory (encoded bytes, not pixels).
+(caption) and ``<key>.json``; the members of a sample are adjacent (the WebDataset convention).
+``open_source`` reads shards whole into memory (encoded bytes, not pixels); ``iter_shard`` streams one
+shard sample by sample (``sslhub.data.stream``).
 """
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ import csv
 import glob
 import json
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from braceexpand import braceexpand
 
@@ -62,8 +65,36 @@ def _is_shard(p: Path) -> bool:
     return p.name.endswith(SHARD_EXTS)
 
 
-def _read_shard(path: Path, skipped: list[str]) -> list[Sample]:
-    groups: dict[str, dict[str, bytes]] = {}
+def _sample_of(where: str, files: dict[str, bytes], skipped: list[str]) -> Optional[Sample]:
+    img_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
+    if img_ext is None:
+        skipped.append(f"{where}: no image file in sample (has {', '.join(sorted(files))})")
+        return None
+    label = -1
+    if "cls" in files:
+        try:
+            label = int(files["cls"].decode().strip())
+        except ValueError:
+            skipped.append(f"{where}: .cls is not an integer ({files['cls'][:20]!r})")
+            return None
+    meta = None
+    if "json" in files:
+        try:
+            meta = json.loads(files["json"])
+        except ValueError:
+            meta = None
+    text = files["txt"].decode("utf-8", "replace") if "txt" in files else None
+    return Sample(key=where, data=files[img_ext], label=label, text=text, meta=meta)
+
+
+def iter_shard(path: str | Path, skipped: Optional[list[str]] = None) -> Iterator[Sample]:
+    """The samples of one shard, read member by member: memory holds one sample, never the shard.
+
+    A sample is the run of adjacent members sharing a key (the WebDataset convention); samples without an
+    image or with a bad ``.cls`` are appended to ``skipped`` and not yielded."""
+    path = Path(path)
+    skipped = [] if skipped is None else skipped
+    key, files = None, {}
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
@@ -73,34 +104,69 @@ def _read_shard(path: Path, skipped: list[str]) -> list[Sample]:
                 base = name.rsplit("/", 1)[-1]
                 if "." not in base:
                     continue
-                key, ext = name[: name.rfind(".")], name[name.rfind(".") + 1 :].lower()
+                k, ext = name[: name.rfind(".")], name[name.rfind(".") + 1 :].lower()
+                if k != key and key is not None:
+                    sample = _sample_of(f"{path.name}:{key}", files, skipped)
+                    if sample is not None:
+                        yield sample
+                    files = {}
+                key = k
                 f = tar.extractfile(member)
-                groups.setdefault(key, {})[ext] = f.read() if f is not None else b""
-    except (tarfile.TarError, OSError, EOFError) as e:
+                files[ext] = f.read() if f is not None else b""
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: not a readable tar shard ({e}); re-create it or remove it from the data") from None
-    samples = []
-    for key, files in groups.items():
-        img_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
-        where = f"{path.name}:{key}"
-        if img_ext is None:
-            skipped.append(f"{where}: no image file in sample (has {', '.join(sorted(files))})")
-            continue
-        label = -1
-        if "cls" in files:
-            try:
-                label = int(files["cls"].decode().strip())
-            except ValueError:
-                skipped.append(f"{where}: .cls is not an integer ({files['cls'][:20]!r})")
-                continue
-        meta = None
-        if "json" in files:
-            try:
-                meta = json.loads(files["json"])
-            except ValueError:
-                meta = None
-        text = files["txt"].decode("utf-8", "replace") if "txt" in files else None
-        samples.append(Sample(key=where, data=files[img_ext], label=label, text=text, meta=meta))
-    return samples
+    if key is not None:
+        sample = _sample_of(f"{path.name}:{key}", files, skipped)
+        if sample is not None:
+            yield sample
+
+
+def _read_shard(path: Path, skipped: list[str]) -> list[Sample]:
+    return list(iter_shard(path, skipped))
+
+
+def count_shard(path: str | Path) -> int:
+    """The number of keys with an image member in a shard, from the tar headers (no image is read; a gzipped
+    shard is still inflated).  An upper bound of what :func:`iter_shard` yields (a bad ``.cls`` is skipped there)."""
+    path = Path(path)
+    keys: set[str] = set()
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                name = member.name
+                if member.isfile() and name[name.rfind(".") + 1 :].lower() in ("jpg", "jpeg", "png", "webp"):
+                    keys.add(name[: name.rfind(".")])
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: not a readable tar shard ({e}); re-create it or remove it from the data") from None
+    return len(keys)
+
+
+def list_shards(spec: str | Path, split: str = "train") -> tuple[list[Path], Optional[list[str]]]:
+    """The shard files of ``spec`` and its class names, or ``([], None)`` when ``spec`` is not shards (an image
+    folder, a CSV, one image).  ``spec`` is a shards folder (with a ``dataset.json`` or ``{split}-*`` shards),
+    one shard file or a brace pattern.  Missing shards raise :class:`DataError`."""
+    spec = str(spec)
+    if not spec:
+        raise DataError("no data given: set data.train in the recipe or pass a path")
+    p = Path(spec)
+    if p.is_dir():
+        if not ((p / formats.DATASET_JSON).is_file() or any(_is_shard(c) for c in p.iterdir())):
+            return [], None
+        shards, classes = _shards_from_folder(p, split)
+    elif p.is_file():
+        if not _is_shard(p):
+            return [], None
+        shards, classes = [p], _classes_from_json(p.parent)
+    else:
+        shards = [Path(s) for pat in braceexpand(spec) for s in (sorted(glob.glob(pat)) or [pat])]
+        if not any(_is_shard(s) for s in shards):
+            raise DataError(f"data {spec!r} not found: expected a folder of images or shards, a .tar/.tar.gz shard "
+                            "or a brace pattern like data/train-{00000..00004}.tar.gz")
+        classes = _classes_from_json(shards[0].parent) if shards else None
+    missing = [str(s) for s in shards if not s.is_file()]
+    if missing:
+        raise DataError(f"shard(s) not found: {', '.join(missing[:3])}" + (" …" if len(missing) > 3 else ""))
+    return shards, classes
 
 
 def _shards_from_folder(folder: Path, split: str) -> tuple[list[Path], Optional[list[str]]]:
@@ -149,40 +215,27 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 def open_source(spec: str | Path, split: str = "train") -> Source:
-    """Resolve ``spec`` (see module docstring) into a :class:`Source`."""
+    """Resolve ``spec`` (see module docstring) into a :class:`Source` (shards are read whole: encoded bytes)."""
     spec = str(spec)
-    if not spec:
-        raise DataError("no data given: set data.train in the recipe or pass a path")
+    shards, classes = list_shards(spec, split)
     skipped: list[str] = []
-    classes = None
     p = Path(spec)
-    if p.is_dir():
+    if not shards and p.is_dir():
         subdirs = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
-        has_shards = (p / formats.DATASET_JSON).is_file() or any(_is_shard(c) for c in p.iterdir())
-        if has_shards:
-            shards, classes = _shards_from_folder(p, split)
-        elif subdirs and any(_images_in(d) for d in subdirs):
+        if subdirs and any(_images_in(d) for d in subdirs):
             classes = [d.name for d in subdirs]
             samples = [Sample(key=str(f), path=str(f), label=i) for i, d in enumerate(subdirs) for f in _images_in(d)]
             return _non_empty(Source(spec, samples, classes, skipped))
-        else:
-            samples = [Sample(key=str(f), path=str(f)) for f in _images_in(p)]
-            return _non_empty(Source(spec, samples, None, skipped))
-    elif p.is_file() and _is_shard(p):
-        shards, classes = [p], _classes_from_json(p.parent)
-    elif p.is_file() and p.suffix.lower() in IMAGE_EXTS:
+        samples = [Sample(key=str(f), path=str(f)) for f in _images_in(p)]
+        return _non_empty(Source(spec, samples, None, skipped))
+    if not shards and p.is_file() and p.suffix.lower() in IMAGE_EXTS:
         return Source(spec, [Sample(key=str(p), path=str(p))])
-    elif p.is_file() and p.suffix.lower() in (".csv", ".tsv"):
+    if not shards and p.is_file() and p.suffix.lower() in (".csv", ".tsv"):
         return _non_empty(_read_csv(p, skipped))
-    else:
-        shards = [Path(s) for pat in braceexpand(spec) for s in (sorted(glob.glob(pat)) or [pat])]
-        if not any(_is_shard(s) for s in shards):
-            raise DataError(f"data {spec!r} not found: expected a folder of images or shards, a .tar/.tar.gz shard "
-                            "or a brace pattern like data/train-{00000..00004}.tar.gz")
-        classes = _classes_from_json(shards[0].parent) if shards else None
-    missing = [str(s) for s in shards if not s.is_file()]
-    if missing:
-        raise DataError(f"shard(s) not found: {', '.join(missing[:3])}" + (" …" if len(missing) > 3 else ""))
+    if not shards:
+        raise DataError(f"data {spec!r} is not images, shards or a CSV: expected a folder of images or shards, a "
+                        ".tar/.tar.gz shard, a brace pattern like data/train-{00000..00004}.tar.gz or a "
+                        "filepath,caption CSV")
     samples = []
     for shard in shards:
         samples.extend(_read_shard(shard, skipped))
