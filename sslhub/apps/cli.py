@@ -9,6 +9,7 @@ Examples:
   sslhub eval linear --model runs/simclr/export --train DATA --test DATA --low-shot 0.01 0.1
   sslhub eval zeroshot --model OPEN_CLIP_FOLDER --test ../shared/data/cifar10 --templates cifar
   sslhub eval retrieval --model OPEN_CLIP_FOLDER --data ../shared/data/flickr8k --split test
+  sslhub embed --model runs/simclr/export --data ../shared/data/cifar10 --out runs/emb   # resumable shards
   sslhub index build --model M --data DATA --out runs/index && sslhub index search --index runs/index --text "a dog"
   sslhub demo OPEN_CLIP_FOLDER --data data/flickr8k-sample          # Gradio demo on http://127.0.0.1:7860
   sslhub push runs/simclr/export my-org/simclr-r18 --private      # then load_encoder("hf-hub:my-org/simclr-r18")
@@ -138,6 +139,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--image", nargs="+", help="image files")
     s.add_argument("--k", type=int, default=10)
     s.set_defaults(func=_command("index_search"))
+
+    em = sub.add_parser("embed", help="embed a data set into resumable embedding shards (1 process or torchrun)",
+                        description="Each process embeds its own data shards (shard i: process i mod world size) into "
+                                    "OUT/NNNNN.npy + .jsonl; a rerun skips finished shards. Examples: sslhub embed "
+                                    "--model runs/simclr/export --data ../shared/data/cifar10 --out runs/emb; "
+                                    "torchrun --nproc_per_node 2 -m sslhub embed --model M --data D --out EMB")
+    em.add_argument("--model", required=True, help=model_help)
+    em.add_argument("--data", required=True, help="shards folder, shard pattern, ImageFolder, image folder or CSV")
+    em.add_argument("--split", default="train")
+    em.add_argument("--out", required=True, help="embeddings folder (resumed when it holds this job's shards)")
+    em.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    em.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
+                    help="L2-normalise the embeddings (default; --no-normalize keeps the raw features)")
+    em.add_argument("--batch-size", type=int, default=256)
+    em.add_argument("--workers", type=int, default=2, help="decoding processes per process")
+    em.add_argument("--device", default="cpu", help="cpu, cuda (cuda:LOCAL_RANK under torchrun), cuda:1, mps")
+    em.add_argument("--chunk", type=int, default=10_000,
+                    help="samples per embedding shard for data that is not shards (folders, CSV)")
+    em.add_argument("--overwrite", action="store_true", help="clear --out first (another model or data)")
+    em.add_argument("--no-progress", action="store_true", help="no progress bar")
+    em.set_defaults(func=_command("embed"))
 
     ph = sub.add_parser("push", help="publish a model folder on the Hugging Face Hub (safetensors + card)",
                         description="Example: sslhub push runs/simclr/export my-org/simclr-r18 --private. The endpoint "

@@ -8,15 +8,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 from pathlib import Path
 
+from sslhub import distributed
 from sslhub.data.sources import open_source
 from sslhub.errors import InputError
 from sslhub.eval import protocols
 from sslhub.eval.finetune import finetune
 from sslhub.eval.labels import match_labels
 from sslhub.eval.linear import check_low_shot, linear_probe, low_shot
+from sslhub.inference.embed import embed as embed_data
 from sslhub.inference.load import load_encoder
 from sslhub.inference.retrieval import build_index, load_index
 from sslhub.methods.registry import list_methods
@@ -132,3 +135,16 @@ def cards(args: argparse.Namespace) -> dict:
     text = card_index(args.exports, " ".join(["--out", args.out, *args.exports]))
     Path(args.out).write_text(text)
     return {"written": args.out, "checkpoints": len(args.exports)}
+
+
+def embed(args: argparse.Namespace) -> dict | None:
+    """``sslhub embed`` in one process or each process of a torchrun job; rank 0 returns the summary."""
+    distributed.init_from_env()  # gloo: the job only waits on, and sums over, the processes
+    device = args.device
+    if device == "cuda" and distributed.world_size() > 1:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    enc = load_encoder(args.model, device=device)
+    summary = embed_data(enc, args.data, args.out, size=protocols.decode_size(enc), split=args.split, model=args.model,
+                         normalize=args.normalize, dtype=args.dtype, batch_size=args.batch_size, workers=args.workers,
+                         chunk=args.chunk, overwrite=args.overwrite, progress=not args.no_progress)
+    return summary if distributed.is_main() else None
