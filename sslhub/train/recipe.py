@@ -29,11 +29,22 @@ class DataConfig:
     train: str = ""  # shards folder / brace pattern / ImageFolder tree / flat folder of images
     split: str = "train"  # split to read from a folder with a dataset.json
     batch_size: int = 256  # global batch size (split across processes)
-    num_workers: int = 2  # decoding workers (images are decoded once, into memory, before training)
+    num_workers: int = 2  # decoding processes (memory: once, before training; stream: during training)
+    # memory: decode the whole set once before training; stream: read shards as training goes (sslhub.data.stream);
+    # auto: memory when the decoded images (× processes on this machine) fit in cache_limit_mb, else stream
+    cache: Literal["auto", "memory", "stream"] = "auto"
+    cache_limit_mb: Optional[float] = None  # auto's limit; null → a quarter of the machine's memory
+    lanes: Optional[int] = None  # stream: independent sample streams (a multiple of the processes); null → processes × workers
+    shuffle_buffer: int = 2000  # stream: encoded samples each lane shuffles among
+    uneven: Literal["drop", "repeat"] = "drop"  # stream: lanes of unequal size: drop the longer lanes' rest or repeat the shorter
 
     def __post_init__(self):
         check(self.batch_size >= 1, "batch_size", "the global batch must be a positive integer")
         check(self.num_workers >= 0, "num_workers", "must be >= 0 (0 = decode in the main process)")
+        check(self.cache_limit_mb is None or self.cache_limit_mb > 0, "cache_limit_mb", "must be > 0 MB (null: a "
+              "quarter of the machine's memory)")
+        check(self.lanes is None or self.lanes >= 1, "lanes", "must be >= 1 (null: processes × workers)")
+        check(self.shuffle_buffer >= 1, "shuffle_buffer", "must hold >= 1 sample (1: no shuffling within shards)")
 
 
 @dataclass
@@ -73,6 +84,10 @@ class TrainConfig:
     ckpt_every: int = 200  # steps between checkpoints (one more at the end)
     keep_checkpoints: int = 3  # the newest K checkpoints are kept (older ones deleted)
     threads: Optional[int] = None  # torch.set_num_threads; null → torch's default
+    # how several processes average gradients (docs/distributed.md): auto → ddp on CUDA with one optimiser, else
+    # manual; ddp = DistributedDataParallel (bucketed all-reduce overlapping backward, gloo on CPU too); manual =
+    # one flat all-reduce after backward (needed by methods with several optimisers); one process: no wrapper
+    parallel: Literal["auto", "ddp", "manual"] = "auto"
 
     def __post_init__(self):
         check(self.epochs > 0, "epochs", "must be > 0")
@@ -82,6 +97,8 @@ class TrainConfig:
         check(self.ckpt_every >= 1, "ckpt_every", "must be >= 1 step")
         check(self.keep_checkpoints >= 1, "keep_checkpoints", "must keep >= 1 checkpoint")
         check(self.threads is None or self.threads >= 1, "threads", "must be >= 1 (null: torch's default)")
+        check(self.parallel in ("auto", "ddp", "manual"), "parallel", "must be auto, ddp or manual (auto: ddp on "
+              "CUDA with one optimiser, else manual)")
 
 
 @dataclass

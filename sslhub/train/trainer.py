@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,9 @@ import sslhub.distributed as D
 from sslhub import formats
 from sslhub.atomic import atomic_write_bytes
 from sslhub.data.images import BatchPlan, DecodedImages, decode_all
-from sslhub.data.sources import has_split, open_source, with_captions
+from sslhub.data.sources import DataError, has_split, list_shards, open_source, with_captions
+from sslhub.data.stream import (StreamLoader, StreamPlan, decoded_mb, memory_limit_mb, positions_from,
+                                shard_counts)
 from sslhub.errors import SslhubError
 from sslhub.eval import protocols
 from sslhub.inference.load import load_encoder
@@ -48,6 +51,7 @@ from sslhub.train.checkpoint import checkpoint_path, iter_infos, list_checkpoint
 from sslhub.train.guard import NonFiniteLoss, TrainingInterrupted, deferred_interrupt, health, non_finite, weight_norm
 from sslhub.train.metrics_log import MetricsLog, plot_curves
 from sslhub.train.optim import build_optimizer, scaled_lr
+from sslhub.train.parallel import Parallel
 from sslhub.train.recipe import Recipe
 from sslhub.train.run_folder import check_run_folder, clear_run_folder, newest_usable, reject
 from sslhub.train.step import accumulate_gradients, apply_update, pick_captions, pick_device, step_seed
@@ -67,6 +71,9 @@ class Trainer:
         self.rank, self.world = D.rank(), D.world_size()
         self.ckpt_dir = self.out / formats.RUN_CHECKPOINTS
         self.start, self.elapsed, self.last_loss = 0, 0.0, float("nan")
+        self.data: DecodedImages | None = None  # data.cache=memory: the decoded training set
+        self.stream: StreamLoader | None = None  # data.cache=stream: this process's lanes (made after restore)
+        self.positions: dict[int, tuple[int, int]] = {}  # stream: each lane's position in the checkpoint resumed
 
     def fit(self) -> dict[str, Any]:
         self.setup()
@@ -74,6 +81,9 @@ class Trainer:
         bar = tqdm(total=self.total, initial=self.start, desc=self.recipe.method, unit="step",
                    disable=not (self.progress and D.is_main()), dynamic_ncols=True)
         self.method.train()
+        if isinstance(self.plan, StreamPlan):
+            self.stream = StreamLoader(self.plan, self.rank, self.world, self.recipe.data.num_workers, self.start,
+                                       self.total, self.positions, texts=self.needs_text)
         self._t_last, self._n_since = time.perf_counter(), 0
         try:
             with deferred_interrupt() as interrupt:
@@ -87,16 +97,67 @@ class Trainer:
         finally:
             bar.close()
             self.metrics_log.close()
+            if self.stream is not None:
+                self.stream.close()
         return self.finish()
 
     # ------------------------------------------------------------------ setup
-    def load_data(self) -> DecodedImages:
-        dc, enc = self.recipe.data, self.recipe.encoder
+    def load_data(self) -> None:
+        """``data.cache``: decode the training set into memory (``self.data``) or plan its stream (``self.plan``)."""
+        dc, size = self.recipe.data, self.recipe.encoder.image_size
+        self.needs_text = get_method(self.recipe.method).needs_text
+        shards, _ = list_shards(dc.train, dc.split)
+        mode, counts = self.cache_mode(shards), None
+        if mode == "stream":
+            counts = shard_counts(shards, dc.split, dc.num_workers, self.progress and D.is_main())
+            self.stream_plan = StreamPlan(shards, counts, self.lanes(len(shards)), self.step_batch, self.recipe.seed,
+                                          dc.shuffle_buffer, dc.uneven, size, dc.split, dc.train)
+            self.n_train = len(self.stream_plan)
+            log.info("data.cache=%s: streaming %s", dc.cache, self.stream_plan.describe())
+            return
         source = open_source(dc.train, dc.split)
-        if get_method(self.recipe.method).needs_text:
+        if self.needs_text:
             source = with_captions(source)  # samples without a caption are skipped and counted
-        return decode_all(source, enc.image_size, num_workers=dc.num_workers,
-                          progress=self.progress and D.is_main(), desc="decoding train")
+        self.data = decode_all(source, size, num_workers=dc.num_workers, progress=self.progress and D.is_main(),
+                               desc="decoding train")
+        self.n_train = len(self.data)
+
+    def cache_mode(self, shards: list) -> str:
+        """``data.cache`` resolved, with the reason logged: ``auto`` → memory when the decoded images of every process
+        on this machine fit in ``data.cache_limit_mb``, else stream; a resumed run keeps its checkpoint's choice."""
+        dc, size = self.recipe.data, self.recipe.encoder.image_size
+        if dc.cache == "stream" and not shards:
+            raise DataError(f"data.cache=stream reads WebDataset shards, and {dc.train} is not shards (an image folder "
+                            "or a CSV): use data.cache=memory, or write the images into .tar shards")
+        if dc.cache != "auto":
+            return dc.cache
+        newest = next(iter_infos(self.ckpt_dir), None) if self.resume else None
+        if newest is not None and newest[1].get("data_mode") in ("memory", "stream"):
+            log.info("data.cache=auto: %s, as in %s (a resumed run keeps its order)", newest[1]["data_mode"], newest[0])
+            return newest[1]["data_mode"]
+        if not shards:
+            log.info("data.cache=auto: memory (%s is not shards, which streaming reads)", dc.train)
+            return "memory"
+        counts = shard_counts(shards, dc.split, dc.num_workers, self.progress and D.is_main())
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        need, limit = decoded_mb(sum(counts), size) * local, dc.cache_limit_mb or memory_limit_mb()
+        mode = "memory" if need <= limit else "stream"
+        log.info("data.cache=auto: %s (%s images decoded at %d px take %.0f MB × %d process(es) on this machine %s "
+                 "data.cache_limit_mb=%.0f)", mode, f"{sum(counts):,}", size, need / local, local,
+                 "≤" if mode == "memory" else ">", limit)
+        return mode
+
+    def lanes(self, n_shards: int) -> int:
+        """``data.lanes``, or processes × workers (the largest multiple of the processes that fits the shards and
+        divides the step's batch, when that does not)."""
+        dc = self.recipe.data
+        if dc.lanes is not None:
+            return dc.lanes
+        for k in range(self.world * max(1, dc.num_workers), 0, -self.world):
+            if k <= n_shards and self.step_batch % k == 0:
+                return k
+        raise DataError(f"{dc.train}: {n_shards} shard(s) cannot feed {self.world} processes (each reads shards of "
+                        "its own): write the data in more shards, run fewer processes or use data.cache=memory")
 
     def build_method(self) -> Method:
         r = self.recipe
@@ -108,6 +169,8 @@ class Trainer:
         if r.train.channels_last:
             method.use_channels_last()
         D.broadcast_module(method)
+        # train.parallel: DDP wraps a view of the method (self.method stays unwrapped: checkpoints, exports)
+        self.parallel = Parallel.create(method, r.train.parallel, self.device)
         return method
 
     def setup(self) -> None:
@@ -116,15 +179,16 @@ class Trainer:
             raise SslhubError(f"data.batch_size={r.data.batch_size} is not divisible by {self.world} processes")
         check_run_folder(self.out, r.to_dict(), self.resume, self.overwrite)
         self.method = self.build_method()  # before the data: a model that cannot be built fails at once
-        self.data = self.load_data()
+        self.step_batch = r.data.batch_size * tc.accumulate  # images per optimiser step, all processes
+        self.load_data()
         D.barrier()  # every process has checked the run folder before the first process writes into it
         if D.is_main():  # nothing is written into the run folder before the recipe and the data are read
             if self.overwrite and not self.resume:
                 clear_run_folder(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / formats.RUN_RECIPE).write_text(json.dumps(r.to_dict(), indent=1))
-        self.step_batch = r.data.batch_size * tc.accumulate  # images per optimiser step, all processes
-        self.plan = BatchPlan(len(self.data), self.step_batch, r.seed, self.rank, self.world)
+        self.plan = BatchPlan(len(self.data), self.step_batch, r.seed, self.rank, self.world) \
+            if self.data is not None else self.stream_plan
         spe = self.plan.steps_per_epoch
         self.total = tc.max_steps if tc.max_steps is not None else max(1, int(tc.epochs * spe))
         self.method.configure(spe, self.total)
@@ -153,26 +217,48 @@ class Trainer:
                 opt.load_state_dict(state["optim"][k])
             self.start, self.elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
             self.weight_norm_start = float(state.get("weight_norm_start") or self.weight_norm_start)
+            if isinstance(self.plan, StreamPlan):
+                self.positions = self.stream_positions(path, state)
             log.info("resumed from %s at step %d/%d", path, self.start, self.total)
         elif self.resume:
             log.info("--resume: no checkpoint in %s, starting from scratch", self.ckpt_dir)
         self.metrics_log = MetricsLog(self.out, self.start, enabled=D.is_main())
 
+    def stream_positions(self, path: Path, state: dict) -> dict[int, tuple[int, int]]:
+        """The lanes' positions saved in the checkpoint resumed, after checking the stream is the one it read."""
+        saved = state.get("data") or {}
+        if saved.get("fingerprint") != self.plan.fingerprint():
+            raise DataError(f"{path} was written while streaming other data or another lane layout (data "
+                            f"fingerprint {saved.get('fingerprint')} → {self.plan.fingerprint()}: shards, their sample "
+                            f"counts, data.lanes={self.plan.lanes} or data.shuffle_buffer changed), so --resume cannot "
+                            "continue its sample order: restore the data and settings, or start over with --overwrite")
+        return positions_from(saved["positions"])
+
     # ------------------------------------------------------------------ step
+    def step_rows(self, step: int) -> tuple[torch.Tensor, torch.Tensor, list[list[str]] | None]:
+        """This process's share of the step: images, labels and captions (or None), from memory or the stream."""
+        if self.stream is not None:
+            rows = self.stream.rows(step)
+            self._first_images = getattr(self, "_first_images", rows.images[:8])
+            return rows.images, rows.labels, rows.texts
+        idx = self.plan.indices(step)  # (step_batch / world,)
+        texts = [self.data.texts[i] for i in idx.tolist()] if self.data.texts is not None else None
+        return self.data.images[idx], self.data.labels[idx], texts
+
     def micro_batches(self, step: int) -> list[Batch]:
         """This process's share of the step, cut into ``train.accumulate`` micro-batches."""
         seed = step_seed(self.recipe.seed, step, self.rank)
         torch.manual_seed(seed)
         rng = torch.Generator(device="cpu").manual_seed(seed)
-        idx = self.plan.indices(step)  # (step_batch / world,)
-        texts = pick_captions(self.data.texts, idx, rng) if self.data.texts is not None else None
+        images, labels, captions = self.step_rows(step)  # step_batch / world rows
+        n = images.shape[0]
+        texts = pick_captions(captions, torch.arange(n), rng) if captions is not None else None
         micro = self.recipe.data.batch_size // self.world
         shared = step_seed(self.recipe.seed, step, -1)  # the same on every process (see Batch.seed)
-        return [Batch(self.data.images[idx[s : s + micro]].to(self.device),
-                      self.data.labels[idx[s : s + micro]].to(self.device),
+        return [Batch(images[s : s + micro].to(self.device), labels[s : s + micro].to(self.device),
                       texts=texts[s : s + micro] if texts is not None else None, rng=rng, step=step,
-                      seed=shared, offset=self.rank * len(idx) + s)
-                for s in range(0, len(idx), micro)]
+                      seed=shared, offset=self.rank * n + s)
+                for s in range(0, n, micro)]
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.recipe.train.precision == "bf16":
@@ -184,8 +270,10 @@ class Trainer:
             for g in opt.param_groups:
                 g["lr"] = float(self.lrs[step])
         try:
-            logged = accumulate_gradients(self.method, self.groups, self.micro_batches(step), self.autocast)
-            apply_update(self.method, self.optimizers, self.params, step, self.total, self.recipe.optim.clip_grad)
+            logged = accumulate_gradients(self.method, self.groups, self.micro_batches(step), self.autocast,
+                                          self.parallel)
+            apply_update(self.method, self.optimizers, self.params, step, self.total, self.recipe.optim.clip_grad,
+                         self.parallel)
         except NonFiniteLoss as e:
             raise self.diverged(str(e)) from None
         self.last_loss = logged["loss"]
@@ -229,12 +317,19 @@ class Trainer:
         """Save the state after ``done`` steps (every ``train.ckpt_every`` and at the end), keep the newest
         ``train.keep_checkpoints``; a state holding a NaN or an infinity is never written."""
         tc = self.recipe.train
-        if not D.is_main() or not (force or done % tc.ckpt_every == 0 or done == self.total):
+        if not (force or done % tc.ckpt_every == 0 or done == self.total):
+            return None
+        data = {"data_mode": "memory"}
+        if self.stream is not None:  # every process's lanes: a collective, before rank 0 alone goes on
+            positions = D.all_reduce_sum(self.stream.position_tensor())
+            data = {"data_mode": "stream", "data": {"positions": positions, "fingerprint": self.plan.fingerprint(),
+                                                    "lanes": self.plan.lanes}}
+        if not D.is_main():
             return None
         state = {"model": self.method.state_dict(), "optim": {k: o.state_dict() for k, o in self.optimizers.items()},
                  "step": done, "elapsed": self.elapsed, "recipe": json.dumps(self.recipe.to_dict()),
                  "loss": self.last_loss, "weight_norm": weight_norm(self.params),
-                 "weight_norm_start": self.weight_norm_start}
+                 "weight_norm_start": self.weight_norm_start, **data}
         bad = non_finite(state)
         if bad:
             raise self.diverged(f"after step {done} {len(bad)} tensors are not finite ({', '.join(bad[:3])}"
@@ -254,7 +349,8 @@ class Trainer:
     def interrupted(self, done: int) -> None:
         """Ctrl-C between steps: a checkpoint of step ``done`` (unless just written) and how to resume."""
         path = checkpoint_path(self.ckpt_dir, done)
-        if not path.exists():
+        missing = torch.tensor([float(D.is_main() and not path.exists())])  # rank 0's view: the folder may not be shared
+        if D.all_reduce_sum(missing).item() > 0:
             self.checkpoint(done, force=True)
         D.barrier()
         raise TrainingInterrupted(f"interrupted at step {done}/{self.total}: the run is saved in {path}; continue "
@@ -287,7 +383,7 @@ class Trainer:
         files = self.pictures(test)
         info = {"method": self.recipe.method, "paper": self.method.paper, "recipe": self.recipe.to_dict(),
                 "recipe_file": self.recipe.source, "steps": self.total, "global_batch": self.step_batch,
-                "processes": self.world, "train_data": self.recipe.data.train, "train_images": len(self.data),
+                "processes": self.world, "train_data": self.recipe.data.train, "train_images": self.n_train,
                 "train_seconds": round(self.elapsed, 1), "eval": dict(figures)}
 
         def evaluate(folder: Path) -> dict[str, Any]:
@@ -335,8 +431,13 @@ class Trainer:
     def pictures(self, test: DecodedImages | None, n: int = 8) -> dict[str, tuple[bytes, str]]:
         """The method's pictures (masked modeling: reconstructions) of the first ``n`` held-out images (training
         images when there is no held-out split), written into the run folder; returned for the export."""
-        images, what = (test.images[:n], "held-out images") if test is not None else \
-            (self.data.images[:n], "training images (no held-out split)")
+        if test is not None:
+            images, what = test.images[:n], "held-out images"
+        else:
+            first = self.data.images[:n] if self.data is not None else getattr(self, "_first_images", None)
+            if first is None:
+                return {}
+            images, what = first, "training images (no held-out split)"
         with self.autocast():
             files = self.method.pictures(images.to(self.device), what)
         for name, (data, _) in files.items():
@@ -355,7 +456,7 @@ class Trainer:
             same_bank = kc.train in ("", r.data.train) and kc.train_split == r.data.split
             out["knn"] = protocols.knn(enc, kc.train or r.data.train, kc.train_split, knn_test, kc.test_split, kc.k,
                                        kc.temperature, workers, self.progress,
-                                       bank_data=self.data if same_bank and same_size else None,
+                                       bank_data=self.data if same_bank and same_size and self.data is not None else None,
                                        test_data=test if same_size else None)
         for z in ev.zeroshot:
             res = protocols.zeroshot(enc, z.data, z.split, z.templates, list(z.classes) or None, workers,
