@@ -202,6 +202,13 @@ def test_cache_auto_decides_by_the_decoded_size_and_says_why(tmp_path, caplog):
     assert "stream (80 images decoded at 32 px take 0 MB" in said[0] and "> data.cache_limit_mb=0" in said[0]
     assert said[1].startswith("data.cache=auto: memory") and "≤" in said[1]
     assert trainer(SAMPLE.parent, tmp_path).cache_mode([]) == "memory"  # not shards
+    meta = json.loads((data / "dataset.json").read_text())
+    meta["splits"]["train"]["n"] = 10_000_000  # the size dataset.json states is taken as is (no count)
+    (data / "dataset.json").write_text(json.dumps(meta))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sslhub.train"):
+        assert trainer(data, tmp_path, "data.cache_limit_mb=20000").cache_mode(sorted(data.glob("*.tar"))) == "stream"
+    assert "10,000,000 images decoded at 32 px take 29297 MB" in caplog.text
 
 
 def test_streaming_refuses_what_it_cannot_do_with_a_clear_error(tmp_path):

@@ -76,6 +76,20 @@ def shard_counts(shards: list[Path], split: str, workers: int = 2, progress: boo
     return counts
 
 
+def listed_size(shards: list[Path], split: str) -> Optional[int]:
+    """The split's sample count as its ``dataset.json`` states it (``splits[split]["n"]``), when it lists exactly
+    these shards; else None.  Cheap: ``data.cache: auto`` decides from it without counting the shards."""
+    meta = shards[0].parent / formats.DATASET_JSON if shards else None
+    if meta is None or not meta.is_file():
+        return None
+    try:
+        info = json.loads(meta.read_text()).get("splits", {}).get(split, {})
+    except ValueError:
+        return None
+    n = info.get("n")
+    return int(n) if isinstance(n, int) and info.get("shards") == [s.name for s in shards] else None
+
+
 @dataclass
 class StreamPlan:
     """Which shards feed which lane, and how many steps an epoch has (see the module docstring)."""
@@ -306,5 +320,5 @@ def memory_limit_mb() -> float:
         return 4096.0
 
 
-__all__ = ["StreamPlan", "StreamLoader", "LaneDataset", "lane_draws", "shard_counts", "positions_from",
+__all__ = ["StreamPlan", "StreamLoader", "LaneDataset", "lane_draws", "shard_counts", "listed_size", "positions_from",
            "decoded_mb", "memory_limit_mb"]

@@ -39,8 +39,8 @@ from sslhub import formats
 from sslhub.atomic import atomic_write_bytes
 from sslhub.data.images import BatchPlan, DecodedImages, decode_all
 from sslhub.data.sources import DataError, has_split, list_shards, open_source, with_captions
-from sslhub.data.stream import (StreamLoader, StreamPlan, decoded_mb, memory_limit_mb, positions_from,
-                                shard_counts)
+from sslhub.data.stream import (StreamLoader, StreamPlan, decoded_mb, listed_size, memory_limit_mb,
+                                positions_from, shard_counts)
 from sslhub.errors import SslhubError
 from sslhub.eval import protocols
 from sslhub.inference.load import load_encoder
@@ -138,12 +138,13 @@ class Trainer:
         if not shards:
             log.info("data.cache=auto: memory (%s is not shards, which streaming reads)", dc.train)
             return "memory"
-        counts = shard_counts(shards, dc.split, dc.num_workers, self.progress and D.is_main())
+        n = listed_size(shards, dc.split)
+        n = n if n is not None else sum(shard_counts(shards, dc.split, dc.num_workers, self.progress and D.is_main()))
         local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
-        need, limit = decoded_mb(sum(counts), size) * local, dc.cache_limit_mb or memory_limit_mb()
+        need, limit = decoded_mb(n, size) * local, dc.cache_limit_mb or memory_limit_mb()
         mode = "memory" if need <= limit else "stream"
         log.info("data.cache=auto: %s (%s images decoded at %d px take %.0f MB × %d process(es) on this machine %s "
-                 "data.cache_limit_mb=%.0f)", mode, f"{sum(counts):,}", size, need / local, local,
+                 "data.cache_limit_mb=%.0f)", mode, f"{n:,}", size, need / local, local,
                  "≤" if mode == "memory" else ">", limit)
         return mode
 
