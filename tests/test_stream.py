@@ -17,10 +17,11 @@ import pytest
 import torch
 from conftest import REPO, SAMPLE, TINY
 from safetensors.torch import load_file
+from test_clip import tiny_recipe
 from test_distributed import STILL_VIEWS, assert_runs_close, train_two_and_one
 from torch.utils.data import DataLoader
 
-from sslhub.data.sources import iter_shard
+from sslhub.data.sources import captions_of, iter_shard
 from sslhub.data.stream import LaneDataset, StreamLoader, StreamPlan, shard_counts
 from sslhub.errors import SslhubError
 from sslhub.train.checkpoint import list_checkpoints, load_state
@@ -233,3 +234,17 @@ def test_resume_after_the_data_changed_is_refused(tmp_path):
     longer = load_recipe(REPO / "recipes/simclr_cifar10.yaml", [*sets, "train.max_steps=3"])
     with pytest.raises(SslhubError, match="was written while streaming other data"):
         train(longer, tmp_path / "run", resume=True, progress=False)
+
+
+def test_streamed_image_text_rows_carry_their_own_captions_and_clip_trains_on_them(tmp_path):
+    flickr = REPO / "data/flickr8k-sample"
+    shard = flickr / "train-00000.tar.gz"
+    by_key = {s.key: s for s in iter_shard(shard)}
+    plan = StreamPlan([shard], shard_counts([shard], "train", progress=False), 1, 16, seed=0, size=32, spec=str(flickr))
+    rows = StreamLoader(plan, 0, 1, 0, 0, 2, texts=True).rows(0)
+    assert rows.texts is not None and len(rows.texts) == 16
+    assert all(t == captions_of(by_key[k]) and len(t) == 5 for t, k in zip(rows.texts, rows.keys))
+    recipe = tiny_recipe(tmp_path, f"data.train={flickr}", "data.cache=stream", "data.batch_size=16",
+                         "data.num_workers=0", "train.max_steps=2", "eval.knn.test=", "eval.zeroshot=[]",
+                         "eval.retrieval.data=")
+    assert train(recipe, tmp_path / "run", progress=False)["steps"] == 2

@@ -207,6 +207,9 @@ class LaneState:
         while len(images) < plan.per_lane:
             sample = next(self.draws)
             self.drawn += 1
+            if texts and not captions_of(sample):  # as with_captions does for the in-memory path
+                self.skipped.append(f"{sample.key}: no caption (.txt or .json captions)")
+                continue
             try:
                 images.append(decode(sample, plan.size))
             except BadImage as e:
