@@ -98,8 +98,8 @@ def test_embeddings_equal_the_encoder_on_decoded_images(export, tmp_path, dtype,
     """Rows in data order (with 2 workers: batches of 32 striped across them), values as the encoder's."""
     out = tmp_path / "emb"
     res = run_cli("embed", "--model", export, "--data", str(SAMPLE), "--split", "test", "--out", str(out),
-                  "--batch-size", "32", "--workers", workers, "--dtype", dtype, *([] if normalize else ["--no-normalize"]),
-                  "--no-progress")
+                  "--batch-size", "32", "--workers", workers, "--dtype", dtype,
+                  *([] if normalize else ["--no-normalize"]), "--no-progress")
     assert res["images"] == res["embeddings"] == 500 and res["shards_done"] == 1 and res["skipped"] == 0
     enc = load_encoder(export)
     data = protocols.decode(enc, str(SAMPLE), "test", workers=0, progress=False)
@@ -137,6 +137,16 @@ def test_image_folder_is_cut_into_chunks_and_bad_images_are_counted(export, tmp_
     assert len(x) == 24 and rows[0] == {"id": "cat/00.png", "label": 0, "source": "chunk-00000"}
     assert rows[-1]["id"] == "dog/11.png" and rows[-1]["label"] == 1
     assert json.loads((tmp_path / "emb" / "00002.done.json").read_text())["skipped"] == 1
+
+
+def test_shards_and_rows_follow_the_data_order(reference, shards):
+    meta = json.loads((shards / "dataset.json").read_text())["splits"]["train"]["shards"]
+    parts = list(E.iter_embedding_shards(reference))
+    assert [n for n, _, _ in parts] == ["00000", "00001", "00002"]
+    assert [json.loads((reference / f"{n}.done.json").read_text())["source"] for n, _, _ in parts] == meta
+    for (_, x, rows), shard in zip(parts, meta):
+        want = [(s.key.split(":", 1)[1], s.label, shard) for s in iter_shard(shards / shard)]
+        assert [(r["id"], r["label"], r["source"]) for r in rows] == want and len(x) == 300
 
 
 # ------------------------------------------------------------------------------------------------- resume
