@@ -120,14 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     ix = sub.add_parser("index", help="build and search FAISS indexes of image embeddings")
     isub = ix.add_subparsers(dest="action", required=True)
-    b = isub.add_parser("build", help="embed a data set and save an index",
-                        description="Example: sslhub index build --model runs/simclr/export "
-                                    "--data data/cifar10-sample --out runs/index")
-    b.add_argument("--model", required=True, help=model_help)
-    b.add_argument("--data", required=True)
+    b = isub.add_parser("build", help="save an index of a data set (embedded now) or of saved embeddings",
+                        description="Examples: sslhub index build --model runs/simclr/export "
+                                    "--data data/cifar10-sample --out runs/index; sslhub index build --embeddings "
+                                    "runs/emb --out runs/index --memory-budget-mb 4096 (from `sslhub embed`; "
+                                    "beyond the budget an IVF-PQ index whose lists stay on disk, memory-mapped)")
+    b.add_argument("--model", help=model_help + " (with --data)")
+    b.add_argument("--data", help="images to embed now (with --model)")
     b.add_argument("--split", default="train")
+    b.add_argument("--embeddings", metavar="EMB", help="an embeddings folder written by `sslhub embed` "
+                   "(instead of --model/--data)")
+    b.add_argument("--memory-budget-mb", type=float, default=4096,
+                   help="RAM the build may use (--embeddings): vectors whose float32 copy ×2 exceeds it are "
+                        "indexed on disk (default 4096)")
     b.add_argument("--out", required=True, help="index folder (written atomically)")
-    b.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"])
+    b.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfpq", "ondisk"],
+                   help="ondisk (--embeddings only): force the on-disk IVF-PQ index")
     b.add_argument("--workers", type=int, default=2)
     b.set_defaults(func=_command("index_build"))
     s = isub.add_parser("search", help="query an index with text or images",

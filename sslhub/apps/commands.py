@@ -21,6 +21,7 @@ from sslhub.eval.labels import match_labels
 from sslhub.eval.linear import check_low_shot, linear_probe, low_shot
 from sslhub.inference.embed import embed as embed_data
 from sslhub.inference.load import load_encoder
+from sslhub.inference.ondisk import build_from_embeddings
 from sslhub.inference.retrieval import build_index, load_index
 from sslhub.methods.registry import list_methods
 from sslhub.publish.card import card_index
@@ -104,6 +105,19 @@ def eval_retrieval(args: argparse.Namespace) -> dict:
 
 
 def index_build(args: argparse.Namespace) -> dict:
+    if args.embeddings and (args.model or args.data):
+        raise InputError("give either --embeddings (a folder from `sslhub embed`) or --model with --data "
+                         "(embedded now), not both")
+    if args.embeddings:
+        index = build_from_embeddings(args.embeddings, args.out, memory_budget_mb=args.memory_budget_mb,
+                                      kind=args.kind)
+        return {"index": str(args.out), "vectors": len(index), "kind": index.kind, "dim": index.dim,
+                "layout": index.info.get("layout", "ram"), "reason": index.info.get("reason")}
+    if not (args.model and args.data):
+        raise InputError("sslhub index build needs --embeddings EMB, or --model and --data to embed images now")
+    if args.kind == "ondisk":
+        raise InputError("--kind ondisk indexes saved embeddings: write them with `sslhub embed`, then pass "
+                         "--embeddings")
     enc = load_encoder(args.model)
     data = protocols.decode(enc, args.data, args.split, args.workers, "images")
     classes = data.classes or open_source(args.data, args.split).classes

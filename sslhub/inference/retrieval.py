@@ -42,10 +42,12 @@ from tqdm.auto import tqdm
 from sslhub import formats
 from sslhub.atomic import replace_folder
 from sslhub.errors import InputError, SslhubError
+from sslhub.inference.rows import JsonlRows
 
 log = logging.getLogger("sslhub.inference.retrieval")
 
 FORMAT_VERSION = 1
+ONDISK_VERSION = 2  # an on-disk index (sslhub.inference.ondisk): lists in index.ivfdata, rows in metadata.jsonl
 KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 METRICS = {"ip": "METRIC_INNER_PRODUCT", "cosine": "METRIC_INNER_PRODUCT", "l2": "METRIC_L2"}  # faiss constants
 
@@ -172,6 +174,8 @@ class Index:
     def save(self, path: str | Path) -> Path:
         """Write the index folder ``path/`` atomically, replacing any index saved there before."""
         path = Path(path)
+        if self.info.get("layout") == "ondisk":
+            raise InputError("an on-disk index references its index.ivfdata: copy its folder instead of saving it")
         if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / formats.INDEX_META).exists())):
             raise InputError(f"refusing to replace {path}: it is not an sslhub index folder (no meta.json)")
 
@@ -213,7 +217,8 @@ def load_index(path: str | Path, verify: bool = True) -> Index:
         version, info, ids = int(meta["format_version"]), dict(meta["info"]), meta["ids"]
     except (ValueError, KeyError, TypeError) as e:
         raise _bad(meta_file, f"unreadable or incomplete ({type(e).__name__}: {e})") from None
-    if version > FORMAT_VERSION or kind not in KINDS[1:] or metric not in METRICS:
+    ondisk = meta.get("layout") == "ondisk"
+    if version > (ONDISK_VERSION if ondisk else FORMAT_VERSION) or kind not in KINDS[1:] or metric not in METRICS:
         raise _bad(meta_file, f"format version {version}, kind {kind!r}, metric {metric!r} are not all known to "
                    f"this sslhub (format {FORMAT_VERSION}): upgrade sslhub, or")
     if ids is not None and len(ids) != count:
@@ -224,12 +229,21 @@ def load_index(path: str | Path, verify: bool = True) -> Index:
                    f"is {size} bytes but meta.json says {meta.get('index_bytes')} (truncated or replaced)")
     if verify and meta.get("index_sha256") and _sha256(index_file) != meta["index_sha256"]:
         raise _bad(index_file, "its content does not match the sha256 in meta.json (corrupt)")
-    try:
-        index = faiss.read_index(str(index_file))
+    if ondisk:
+        _check_files(path, meta, verify)
+    try:  # on disk: the lists memory-mapped read-only from index.ivfdata next to index.faiss
+        index = faiss.read_index(str(index_file), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+                                 if ondisk else 0)
     except Exception as e:  # faiss raises RuntimeError on unknown or short data
         raise _bad(index_file, f"FAISS cannot read it ({(str(e) or type(e).__name__).splitlines()[0]})") from None
     if index.ntotal != count or index.d != dim:
         raise _bad(index_file, f"holds {index.ntotal} × {index.d} vectors but meta.json says {count} × {dim}")
+    if ondisk:
+        try:
+            rows = JsonlRows(md_file, path / "offsets.npy", count)
+        except (OSError, ValueError) as e:
+            raise _bad(md_file, f"unreadable with its offsets.npy ({e})") from None
+        return Index(index, kind, metric, info, rows.ids, rows.metadata)
     rows = md_file.read_text().splitlines() if md_file.is_file() else []
     if len(rows) != count:
         raise _bad(md_file, f"has {len(rows)} rows for {count} vectors" if md_file.is_file() else "missing")
@@ -238,6 +252,21 @@ def load_index(path: str | Path, verify: bool = True) -> Index:
     except ValueError as e:
         raise _bad(md_file, f"a row is not JSON ({e})") from None
     return Index(index, kind, metric, info, ids, metadata)
+
+
+def _check_files(path: Path, meta: dict, verify: bool) -> None:
+    """An on-disk index's files: present, of the recorded size and (``verify``) sha256."""
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        raise _bad(path / formats.INDEX_META, "an on-disk index without its 'files' record")
+    for name, rec in files.items():
+        file = path / name
+        size = file.stat().st_size if file.is_file() else None
+        if size != rec.get("bytes"):
+            raise _bad(file, "missing" if size is None else f"is {size} bytes but meta.json says {rec.get('bytes')} "
+                       "(truncated or replaced)")
+        if verify and _sha256(file) != rec.get("sha256"):
+            raise _bad(file, "its content does not match the sha256 in meta.json (corrupt)")
 
 
 def _check_rows(ids: Sequence | None, metadata: Sequence[dict] | None, n: int) -> tuple[list | None, list | None]:
@@ -353,16 +382,20 @@ def build_index(embeddings: Any, ids: Sequence | None = None, metadata: Sequence
     return out
 
 
-def _calibrate(index: Index, x: np.ndarray, queries: np.ndarray | None, seed: int) -> int:
+def _calibrate(index: Index, x: np.ndarray | None, queries: np.ndarray | None, seed: int,
+               own: np.ndarray | None = None, exact: np.ndarray | None = None) -> int:
     """Tune the search breadth — IVF's ``nprobe`` or HNSW's ``efSearch`` — to the smallest doubling that
     reaches RECALL_TARGET on ``queries`` (default: database rows, own row left out).
 
     Each step widens by ~√2. IVF starts at ``max(8, nlist/64)`` lists and stops at nlist/4 (little faster
     than exact search); HNSW starts at efSearch 16 and stops at HNSW_EF_MAX. Either stops when a step gains < 0.005
-    (IVF-PQ levels off at its quantisation error)."""
-    n, fmetric = x.shape[0], getattr(faiss, METRICS[index.metric])
-    own = None if queries is not None else np.random.default_rng(seed + 1).choice(n, CALIB_QUERIES, replace=False)
-    queries, k = (queries if own is None else x[own]), min(CALIB_K, n - 1)  # (Q, D)
+    (IVF-PQ levels off at its quantisation error). Without ``x`` (an on-disk build): ``queries``, their
+    database rows ``own`` (or None: held out) and their exact top k + 1 rows ``exact`` come computed."""
+    n, fmetric = len(index), getattr(faiss, METRICS[index.metric])
+    if exact is None:
+        own = None if queries is not None else np.random.default_rng(seed + 1).choice(n, CALIB_QUERIES, replace=False)
+        queries = queries if own is None else x[own]  # (Q, D)
+    k = min(CALIB_K, n - 1)
 
     def top_k(found: np.ndarray) -> np.ndarray:  # (Q, k + 1) → (Q, k), leaving out each query's own row
         if own is None:
@@ -376,7 +409,7 @@ def _calibrate(index: Index, x: np.ndarray, queries: np.ndarray | None, seed: in
         nlist = index.info["nlist"]
         name, value, stop = "nprobe", min(max(8, nlist // 64), nlist), max(1, nlist // 4)
         params = lambda v: faiss.SearchParametersIVF(nprobe=min(v, nlist))  # noqa: E731
-    exact = top_k(faiss.knn(queries, x, k + 1, fmetric)[1])  # brute force (blocked BLAS, no copy of x)
+    exact = top_k(exact if exact is not None else faiss.knn(queries, x, k + 1, fmetric)[1])  # brute force
     curve, prev = {}, (0, -1.0)
     while True:
         found = top_k(index._search_rows(queries, k + 1, params(value))[1])
