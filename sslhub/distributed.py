@@ -42,6 +42,11 @@ def init_from_env(device: torch.device | None = None) -> bool:
     return True
 
 
+def backend() -> str:
+    """The process group's backend (``nccl``, ``gloo``), or ``"none"`` in one process."""
+    return str(dist.get_backend()) if is_dist() else "none"
+
+
 def barrier() -> None:
     if is_dist():
         dist.barrier()

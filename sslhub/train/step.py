@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Callable
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 import sslhub.distributed as D
 from sslhub.methods.base import Batch, Method
 from sslhub.train.guard import NonFiniteLoss
+from sslhub.train.parallel import Parallel
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -19,47 +21,63 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def pick_device(name: str) -> torch.device:
+    """``train.device``: ``auto`` → cuda when available, else cpu.  Under torchrun a bare ``cuda`` is this
+    process's own GPU, ``cuda:LOCAL_RANK``, made the current device (NCCL: one GPU per process)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
 
 
 def accumulate_gradients(method: Method, groups: dict[str, list[nn.Parameter]], batches: list[Batch],
                          autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                         ) -> dict[str, float]:
+                         parallel: Parallel | None = None) -> dict[str, float]:
     """Forward and backward every micro-batch of one step; ``.grad`` ends as the mean of their gradients.
+
+    ``parallel`` (``train.parallel``): under DDP the forward goes through the wrapper and the gradients are
+    averaged over the processes during the last micro-batch's backward (the others run under ``no_sync``).
 
     Returns the mean over micro-batches of every value the method logs.  A non-finite loss raises
     :class:`NonFiniteLoss` before its backward.  With several processes its backward still runs (its collectives
-    must meet the other processes') and the gradients are made NaN, so ``apply_update`` stops every process.
+    must meet the other processes') with a NaN added to a gradient before the averaging, so every process's
+    averaged gradients are NaN and ``apply_update`` stops them all at the same step.
     """
-    n, logged, poisoned = len(batches), {}, False
-    for batch in batches:
-        with autocast():
-            out = method.loss(batch)
-        loss = float(out["loss"].detach())
-        if not math.isfinite(loss):
-            if not D.is_dist():
+    n, logged = len(batches), {}
+    keys = list(groups)
+    first = groups[keys[0]][0]
+    for i, batch in enumerate(batches):
+        with parallel.micro_batch(last=i == n - 1) if parallel is not None else contextlib.nullcontext():
+            with autocast():
+                out = parallel.loss(batch) if parallel is not None else method.loss(batch)
+            loss = float(out["loss"].detach())
+            bad = not math.isfinite(loss)
+            if bad and not D.is_dist():
                 raise NonFiniteLoss(f"loss is {loss} at step {batch.step}")
-            poisoned = True
-        keys = list(groups)
-        for i, k in enumerate(keys):  # each loss only into its own optimiser's parameters
-            inputs = None if len(keys) == 1 else groups[k]
-            (out[k] / n).backward(inputs=inputs, retain_graph=i < len(keys) - 1)
+            for j, k in enumerate(keys):  # each loss only into its own optimiser's parameters
+                inputs = None if len(keys) == 1 else groups[k]
+                total = out[k] / n
+                if bad and j == 0:  # NaN into a gradient before it is averaged (DDP: during this backward)
+                    total = total + first.reshape(-1)[0] * float("nan")
+                total.backward(inputs=inputs, retain_graph=j < len(keys) - 1)
         for k, v in out.items():
             logged[k] = logged.get(k, 0.0) + float(v.detach()) / n
-    if poisoned:
-        first = next(p for ps in groups.values() for p in ps)
-        first.grad = torch.full_like(first, float("nan"))
     return logged
 
 
 def apply_update(method: Method, optimizers: dict[str, torch.optim.Optimizer], params: list[nn.Parameter],
-                 step: int, max_steps: int, clip_grad: float | None = None) -> None:
-    """Average gradients over processes, clip, step every optimiser, then the method's ``on_step_end``.
+                 step: int, max_steps: int, clip_grad: float | None = None, parallel: Parallel | None = None) -> None:
+    """Average gradients over processes (unless DDP did during backward), clip, step every optimiser, then the
+    method's ``on_step_end``.
 
     Non-finite gradients (from a finite loss) raise :class:`NonFiniteLoss` before any weight changes."""
-    D.average_gradients(params)
+    if parallel is None or not parallel.averages_in_backward:
+        D.average_gradients(params)
+    if parallel is not None:
+        parallel.after_reduction()
     grads = [p.grad for p in params if p.grad is not None]
     norm = float(nn.utils.get_total_norm(grads)) if grads else 0.0
     if not math.isfinite(norm):
