@@ -4,7 +4,7 @@ of what each process's training did, written to ``EVENTS_DIR/rank{R}.json`` when
 - ``events``: in order, ``["loss", step]`` for each micro-batch's forward through DDP, ``["reduce", numel]`` for each bucket
   DDP all-reduces (a comm hook counting, then doing DDP's own all-reduce) and ``["average", numel]`` for each
   hand-written flat all-reduce of the gradients (``sslhub.distributed.average_gradients``);
-- ``wrappers``: the class name of every DDP built, with its ``find_unused_parameters``;
+- ``wrappers``: every DDP built: class name, ``find_unused_parameters``, trainable parameter entries;
 - ``buffers``: every buffer of the method at exit, as (sum, sum of squares): the same on every process when
   DDP's buffer sync is off and the methods keep their buffers equal themselves.
 """
@@ -28,7 +28,8 @@ METHODS: list = []
 class CountingDDP(P.DistributedDataParallel):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        WRAPPERS.append([type(self).__name__, kwargs.get("find_unused_parameters")])
+        WRAPPERS.append([type(self).__name__, kwargs.get("find_unused_parameters"),
+                         sum(p.numel() for p in self.module.parameters() if p.requires_grad)])
         METHODS[:] = [self.module.method]
 
         def hook(state, bucket):
