@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,8 @@ from torch.utils.data import DataLoader
 from sslhub.data.sources import captions_of, iter_shard
 from sslhub.data.stream import LaneDataset, StreamLoader, StreamPlan, shard_counts
 from sslhub.errors import SslhubError
+from sslhub.eval import protocols
+from sslhub.inference.load import load_encoder
 from sslhub.train.checkpoint import list_checkpoints, load_state
 from sslhub.train.recipe import load_recipe
 from sslhub.train.trainer import Trainer, train
@@ -141,7 +144,7 @@ def test_resuming_from_any_recorded_position_continues_the_same_rows_despite_an_
 
 
 ARGS = [str(REPO / "recipes/simclr_cifar10.yaml"), *sum((["--set", s] for s in TINY), []),
-        "--set", "data.batch_size=16", "--set", "data.cache=stream", "--set", "data.lanes=2",
+        "--set", "data.batch_size=16", "--set", "data.cache=stream", "--set", "data.num_workers=2",  # 2 lanes
         "--set", "train.max_steps=10", "--set", "train.ckpt_every=1", "--set", "optim.warmup_epochs=0.5",
         "--set", "eval.knn.test=", "--no-progress"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
@@ -165,10 +168,11 @@ def test_sigkill_then_resume_while_streaming_matches_uninterrupted(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     state = load_state(list_checkpoints(run / "checkpoints")[0])
-    assert 3 <= state["step"] < 10 and state["data_mode"] == "stream"
+    assert 3 <= state["step"] < 10 and state["data_mode"] == "stream" and state["data_lanes"] == 2
     assert state["data"]["positions"].shape == (2, 2)
-    res = subprocess.run([sys.executable, "-m", "sslhub", "train", *args, "--out", str(run), "--resume"], env=ENV,
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    # resumed with another number of workers (data.num_workers may change): the lanes, and so the order, stay
+    res = subprocess.run([sys.executable, "-m", "sslhub", "train", *args, "--out", str(run), "--resume",
+                          "--set", "data.num_workers=1"], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert f"at step {state['step']}/10" in res.stderr
     a, b = load_file(tmp_path / "ref/export/model.safetensors"), load_file(run / "export/model.safetensors")
@@ -248,3 +252,24 @@ def test_streamed_image_text_rows_carry_their_own_captions_and_clip_trains_on_th
                          "data.num_workers=0", "train.max_steps=2", "eval.knn.test=", "eval.zeroshot=[]",
                          "eval.retrieval.data=")
     assert train(recipe, tmp_path / "run", progress=False)["steps"] == 2
+
+
+def test_a_streaming_run_measures_knn_without_decoding_its_bank_and_gets_the_decoded_figures(tmp_path, monkeypatch):
+    """The k-NN bank of a streaming run (its training data) is embedded as it streams: only embeddings are held,
+    and the figures equal k-NN over the decoded bank."""
+    data = write_shards(tmp_path / "d", [160] * 2)
+    shutil.copy(SAMPLE / "test-00000.tar.gz", data)
+    meta = json.loads((data / "dataset.json").read_text())
+    meta["splits"]["test"] = {"shards": ["test-00000.tar.gz"]}
+    (data / "dataset.json").write_text(json.dumps(meta))
+    decoded = []
+    real_decode = protocols.decode
+    monkeypatch.setattr(protocols, "decode", lambda enc, spec, split, *a, **k: decoded.append(split) or
+                        real_decode(enc, spec, split, *a, **k))
+    recipe = load_recipe(REPO / "recipes/simclr_cifar10.yaml", [*TINY, f"data.train={data}", "data.cache=stream",
+                                                                "data.lanes=2", "train.max_steps=2"])
+    got = train(recipe, tmp_path / "run", progress=False)["knn"]
+    assert "train" not in decoded and got["bank_size"] == 320
+    monkeypatch.undo()
+    want = protocols.knn(load_encoder(tmp_path / "run/export"), str(data), "train", str(data), "test", progress=False)
+    assert {k: v for k, v in got.items() if "@" in k} == {k: v for k, v in want.items() if "@" in k}

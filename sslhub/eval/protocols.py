@@ -16,6 +16,7 @@ from sslhub.errors import InputError
 from sslhub.eval.knn import knn_eval
 from sslhub.eval.labels import match_labels
 from sslhub.eval.metrics import image_text_retrieval
+from sslhub.inference.embed import embed_in_memory
 from sslhub.inference.zeroshot import ZeroShotClassifier, check_labels
 
 
@@ -35,16 +36,24 @@ def features(enc, data, progress: bool = True) -> torch.Tensor:
 
 def knn(enc, bank: str, bank_split: str, test: str, test_split: str, ks: Sequence[int] = (20, 200),
         temperature: float = 0.07, workers: int = 2, progress: bool = True, *,
-        bank_data: DecodedImages | None = None, test_data: DecodedImages | None = None) -> dict:
+        bank_data: DecodedImages | None = None, test_data: DecodedImages | None = None,
+        stream_bank: bool = False) -> dict:
     """Weighted k-NN top-1/top-5 (%) of ``test`` against the labelled ``bank`` (see ``eval.knn``).
 
     ``bank_data`` / ``test_data``: the same data already decoded at ``decode_size(enc)`` (the trainer passes
-    its training images), so it is not decoded again.
+    its training images), so it is not decoded again.  ``stream_bank``: the bank's images stream through the
+    encoder (``embed_in_memory``) and only their embeddings are held — a bank larger than memory (the trainer
+    asks for it when its training data streams).
     """
-    b = bank_data if bank_data is not None else decode(enc, bank, bank_split, workers, "bank", progress)
+    if bank_data is None and stream_bank:
+        bank_feats, bank_labels, bank_classes, _ = embed_in_memory(enc, bank, size=decode_size(enc), split=bank_split,
+                                                                   workers=workers, progress=progress)
+    else:
+        b = bank_data if bank_data is not None else decode(enc, bank, bank_split, workers, "bank", progress)
+        bank_feats, bank_labels, bank_classes = features(enc, b, progress), b.labels, b.classes
     t = test_data if test_data is not None else decode(enc, test, test_split, workers, "test", progress)
-    labels, keep, info = match_labels(b.classes, t.classes, t.labels, f"k-NN queries {test}")
-    res = knn_eval(features(enc, b, progress), b.labels, features(enc, t, progress)[keep], labels, ks=tuple(ks),
+    labels, keep, info = match_labels(bank_classes, t.classes, t.labels, f"k-NN queries {test}")
+    res = knn_eval(bank_feats, bank_labels, features(enc, t, progress)[keep], labels, ks=tuple(ks),
                    temperature=temperature)
     return {**res, **info, "bank": bank, "test": test}
 

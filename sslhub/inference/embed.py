@@ -296,3 +296,29 @@ def _wait_for(out: Path, names: list[str], manifest: dict, poll_s: float) -> Non
             log.info("waiting for %d shard(s) of the other processes: %s", len(left), ", ".join(left[:5]))
             last_log = time.monotonic()
         time.sleep(poll_s)
+
+
+def embed_in_memory(enc, data: str, *, size: int, split: str = "train", normalize: bool = True,
+                    batch_size: int = 256, workers: int = 2, progress: bool = True,
+                    ) -> tuple[torch.Tensor, torch.Tensor, Optional[list[str]], int]:
+    """``data``'s embeddings ``(N, dim)`` float32, labels ``(N,)`` and class names, in this process, nothing
+    written: images stream through the workers as in :func:`embed`, so memory holds the embeddings (N × dim × 4
+    bytes), never the pixels (the trainer's k-NN bank when training streams).  Also the number of samples skipped."""
+    units, classes = plan_units(data, split)
+    loader = DataLoader(_Batches(units, size, batch_size), batch_size=None, num_workers=workers)
+    parts: dict[tuple[int, int], tuple[torch.Tensor, list[int]]] = {}
+    skipped = 0
+    with tqdm(desc=f"embedding {data}", unit="img", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+        for index, b, _last, pixels, rows, errors, fatal in loader:
+            if fatal:
+                raise DataError(fatal)
+            skipped += len(errors)
+            if pixels is not None:
+                vectors = enc.embed_images(pixels, batch_size=batch_size, normalize=normalize, progress=False)
+                parts[(index, b)] = (vectors.float(), [r["label"] for r in rows])
+            bar.update(len(rows) + len(errors))
+    if not parts:
+        raise DataError(f"{data}: none of its images could be decoded")
+    order = sorted(parts)
+    return (torch.cat([parts[k][0] for k in order]), torch.tensor([y for k in order for y in parts[k][1]]),
+            classes, skipped)

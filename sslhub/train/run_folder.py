@@ -22,7 +22,7 @@ RUN_FILES = (formats.RUN_RECIPE, formats.RUN_CHECKPOINTS, formats.RUN_EXPORT, fo
 # and what continuing a diverged run needs (a lower learning rate, clipping, fp32)
 RESUMABLE = ("train.epochs", "train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
              "train.threads", "train.device", "data.num_workers", "eval.", "optim.lr", "optim.clip_grad",
-             "train.precision")
+             "train.precision", "train.parallel")
 
 
 def recipe_changes(old: Any, new: Any, key: str = "") -> list[tuple[str, Any, Any]]:

@@ -154,6 +154,10 @@ class Trainer:
         dc = self.recipe.data
         if dc.lanes is not None:
             return dc.lanes
+        newest = next(iter_infos(self.ckpt_dir), None) if self.resume else None
+        if newest is not None and isinstance(newest[1].get("data_lanes"), int):  # the order the run started with
+            log.info("data.lanes: %d, as in %s", newest[1]["data_lanes"], newest[0])
+            return newest[1]["data_lanes"]
         for k in range(self.world * max(1, dc.num_workers), 0, -self.world):
             if k <= n_shards and self.step_batch % k == 0:
                 return k
@@ -323,8 +327,8 @@ class Trainer:
         data = {"data_mode": "memory"}
         if self.stream is not None:  # every process's lanes: a collective, before rank 0 alone goes on
             positions = D.all_reduce_sum(self.stream.position_tensor())
-            data = {"data_mode": "stream", "data": {"positions": positions, "fingerprint": self.plan.fingerprint(),
-                                                    "lanes": self.plan.lanes}}
+            data = {"data_mode": "stream", "data_lanes": self.plan.lanes,
+                    "data": {"positions": positions, "fingerprint": self.plan.fingerprint()}}
         if not D.is_main():
             return None
         state = {"model": self.method.state_dict(), "optim": {k: o.state_dict() for k, o in self.optimizers.items()},
@@ -458,6 +462,7 @@ class Trainer:
             out["knn"] = protocols.knn(enc, kc.train or r.data.train, kc.train_split, knn_test, kc.test_split, kc.k,
                                        kc.temperature, workers, self.progress,
                                        bank_data=self.data if same_bank and same_size and self.data is not None else None,
+                                       stream_bank=self.data is None and same_bank,
                                        test_data=test if same_size else None)
         for z in ev.zeroshot:
             res = protocols.zeroshot(enc, z.data, z.split, z.templates, list(z.classes) or None, workers,
