@@ -125,6 +125,7 @@ def test_ddp_mae_with_accumulation_equals_one_process(tmp_path):
     assert_reduced_by_ddp(tmp_path, accumulate=2)
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_on_one_rank_stops_both_under_ddp(tmp_path):
     """Rank 1's loss is inf at step 2, a DDP step: the NaN goes into a gradient before DDP averages it, so both
     processes stop before the update (a NaN added after the averaging would stop rank 1 only: rank 0 would wait

@@ -198,6 +198,7 @@ def test_resume_after_sigkill(export, shards, reference, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ torchrun
+@pytest.mark.slow
 def test_two_processes_equal_one_and_split_the_shards(export, shards, reference, tmp_path):
     out = tmp_path / "emb"
     r = subprocess.run([*TORCHRUN, "-m", "sslhub", "embed", "--model", export, "--data", str(shards), "--out",

@@ -179,6 +179,7 @@ def test_sigkill_then_resume_while_streaming_matches_uninterrupted(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_torchrun_streaming_training_equals_one_process(tmp_path):
     """2 processes reading one lane each = 1 process reading both lanes in 2 DataLoader workers: every checkpoint
     and the export (SimCLR: negatives and global BN over the step's whole batch)."""
@@ -240,6 +241,7 @@ def test_resume_after_the_data_changed_is_refused(tmp_path):
         train(longer, tmp_path / "run", resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_streamed_image_text_rows_carry_their_own_captions_and_clip_trains_on_them(tmp_path):
     flickr = REPO / "data/flickr8k-sample"
     shard = flickr / "train-00000.tar.gz"
