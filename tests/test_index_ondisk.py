@@ -4,6 +4,9 @@ merged into one memory-mapped file, served by load_index / search_meta / `sslhub
 Vectors are real-derived: pixel PCA (D = 64) of the bundled CIFAR-10 sample, 10 noisy copies of each of
 the 1,000 train images in 4 shards (float16, as `sslhub embed` writes them); queries are the 500 test
 images (never stored). Exact neighbours come from a numpy brute force written here.
+
+FAISS runs on one OpenMP thread here (the suite shares busy cores) and the index is built once per module;
+small nlist and PQ keep every build to seconds.
 """
 from __future__ import annotations
 
@@ -28,6 +31,12 @@ from sslhub.inference.ondisk import build_from_embeddings, plan
 from sslhub.inference.retrieval import IndexFileError, load_index
 
 SHARDS, PER_SHARD, COPIES = 4, 2500, 10
+faiss.omp_set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def pca64():
+    return pixel_pca(64)
 
 
 def pixel_pca(dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -63,14 +72,20 @@ def exact_top(q: np.ndarray, x: np.ndarray, k: int = 10) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, pca64):
     """(index folder, embeddings folder, stored vectors (N, 64), held-out queries (400, 64))."""
-    train, test = pixel_pca(64)
+    train, test = pca64
     root = tmp_path_factory.mktemp("ondisk")
     x = write_embeddings(root / "emb", train, SHARDS, PER_SHARD)
-    build_from_embeddings(root / "emb", root / "index", kind="ondisk", nlist=64, pq_m=32, opq=False,
+    build_from_embeddings(root / "emb", root / "index", kind="ondisk", nlist=32, pq_m=16, opq=False,
                           calibration_queries=test[:100], progress=False)
     return root / "index", root / "emb", x, test[100:]
+
+
+def recall_of(index, q: np.ndarray, x: np.ndarray) -> tuple[float, np.ndarray, list[list[int]]]:
+    scores, ids = index.search(q, k=10)
+    rows = [[int(i[1:]) for i in row] for row in ids]  # ids "r<row>"
+    return float(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(rows, exact_top(q, x).tolist())])), scores, rows
 
 
 def test_recall_against_exact_search(built):
@@ -78,14 +93,52 @@ def test_recall_against_exact_search(built):
     index = load_index(path)
     assert index.kind == "ivfpq" and index.info["layout"] == "ondisk" and len(index) == SHARDS * PER_SHARD
     assert index.info["shards"] == SHARDS and index.info["calibration"]["queries"] == "100 given"
-    scores, ids = index.search(q, k=10)
-    exact = exact_top(q, x)
-    rows = [[int(i[1:]) for i in row] for row in ids]  # ids "r<row>"
-    recall = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(rows, exact.tolist())])
-    assert recall >= 0.6, recall
-    # the scores are inner products (the metric of the stored, normalised vectors), within PQ error
+    assert index.info["refine"] == ondisk.REFINE and index.refine == ondisk.REFINE  # re-ranked by default
+    recall, scores, rows = recall_of(index, q, x)
+    assert recall >= 0.9, recall
+    # re-ranked: the scores are the exact inner products of the stored (float16) vectors, best first
     true = np.take_along_axis(q @ x.T, np.array(rows), 1)
-    assert np.abs(scores - true).mean() < 0.03
+    np.testing.assert_allclose(scores, true, atol=1e-4)
+    assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_reranking_raises_recall_and_ranks_an_exact_copy_first(built):
+    """PQ codes alone cannot order near-duplicates (10 noisy copies per image); exact re-ranking can."""
+    path, _, x, q = built
+    index = load_index(path)
+    refined = recall_of(index, q, x)[0]
+    picks = np.random.default_rng(2).choice(len(x), 40, replace=False)
+    first = [h[0]["id"] for h in index.search_meta(x[picks], k=5)]
+    assert first == [f"r{r}" for r in picks.tolist()]  # each stored vector's own row first, every time
+    index.refine = 0  # codes only
+    codes = recall_of(index, q, x)[0]
+    codes_first = sum(h[0]["id"] == f"r{r}" for h, r in zip(index.search_meta(x[picks], k=5), picks.tolist()))
+    assert refined >= codes + 0.15, (refined, codes)
+    assert codes_first < 40
+
+
+def test_without_the_embeddings_it_falls_back_to_codes(built, tmp_path, caplog):
+    path, emb, x, q = built
+    shutil.copytree(emb, tmp_path / "emb")
+    shutil.copytree(path, tmp_path / "index")
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["vectors"]["embeddings"] == str(emb.resolve()) and len(meta["vectors"]["shards"]) == SHARDS
+    assert all(s["sha256"] == json.loads((emb / f"{s['name']}.done.json").read_text())["sha256"]
+               for s in meta["vectors"]["shards"])
+    vectors = load_index(path).vectors
+    assert all(isinstance(a, np.memmap) for a in vectors.arrays)  # read from the shards, not copied
+    np.testing.assert_array_equal(vectors.get(np.array([PER_SHARD * 3 + 7, 5])), x[[PER_SHARD * 3 + 7, 5]])
+    meta["vectors"]["embeddings"] = str(tmp_path / "gone")
+    (tmp_path / "index" / "meta.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING"):
+        index = load_index(tmp_path / "index")
+    assert index.refine == 0 and index.vectors is None and "compressed codes alone" in caplog.text
+    assert len(index.search(q[:3], k=10)[1][0]) == 10
+    meta["vectors"]["embeddings"] = str(tmp_path / "emb")  # a copy with one shard rewritten: refused, too
+    (tmp_path / "index" / "meta.json").write_text(json.dumps(meta))
+    done = json.loads((tmp_path / "emb" / "00001.done.json").read_text())
+    (tmp_path / "emb" / "00001.done.json").write_text(json.dumps(dict(done, sha256="0" * 64)))
+    assert load_index(tmp_path / "index").vectors is None
 
 
 def test_an_exact_copy_finds_its_row_and_metadata(built):
@@ -119,6 +172,28 @@ def test_lists_are_memory_mapped_from_the_index_folder(built):
     assert not list(path.glob(".blocks*"))  # the per-shard blocks are gone
     with pytest.raises(InputError, match="copy its folder"):
         index.save(path.parent / "copy")
+
+
+def test_cosine_normalises_the_stored_and_query_vectors(pca64, tmp_path):
+    """metric='cosine' on vectors of uneven norms: the codes and the re-ranking both use unit vectors."""
+    train, test = pca64
+    x = write_embeddings(tmp_path / "emb", train, 2, 1000)
+    scale = np.random.default_rng(3).uniform(0.2, 5, (2000, 1)).astype(np.float32)
+    for s in ("00000", "00001"):  # rewrite the shards with uneven norms (the done files follow)
+        rows = [json.loads(r) for r in (tmp_path / "emb" / f"{s}.jsonl").read_text().splitlines()]
+        sl = slice(0, 1000) if s == "00000" else slice(1000, 2000)
+        write_embedding_shard(tmp_path / "emb", s, (x[sl] * scale[sl]).astype(np.float16), rows)
+    index = build_from_embeddings(tmp_path / "emb", tmp_path / "index", kind="ondisk", metric="cosine", nlist=16,
+                                  pq_m=16, opq=False, calibration_queries=test[:50], progress=False)
+    q = test[50:150] * 3.0
+    scores, ids = index.search(q, k=10)
+    stored = (x * scale).astype(np.float16).astype(np.float32)
+    exact = exact_top(q, stored / np.linalg.norm(stored, axis=1, keepdims=True))
+    rows = [[int(i[1:]) for i in row] for row in ids]
+    assert np.mean([len(set(f) & set(e)) / 10 for f, e in zip(rows, exact.tolist())]) >= 0.9
+    unit = stored / np.linalg.norm(stored, axis=1, keepdims=True)  # re-ranked by cosines, not raw products
+    cos = np.take_along_axis((q / np.linalg.norm(q, axis=1, keepdims=True)) @ unit.T, np.array(rows), 1)
+    np.testing.assert_allclose(scores, cos, atol=1e-4)
 
 
 def test_cli_build_and_search(open_clip_folder, tmp_path, capsys):

@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="index folder (written atomically)")
     b.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfpq", "ondisk"],
                    help="ondisk (--embeddings only): force the on-disk IVF-PQ index")
+    b.add_argument("--refine", type=int, default=10,
+                   help="on disk: searches re-rank k×REFINE PQ candidates by exact scores against the embeddings "
+                        "folder's vectors (memory-mapped; 0: codes only; default 10)")
     b.add_argument("--workers", type=int, default=2)
     b.set_defaults(func=_command("index_build"))
     s = isub.add_parser("search", help="query an index with text or images",

@@ -110,7 +110,7 @@ def index_build(args: argparse.Namespace) -> dict:
                          "(embedded now), not both")
     if args.embeddings:
         index = build_from_embeddings(args.embeddings, args.out, memory_budget_mb=args.memory_budget_mb,
-                                      kind=args.kind)
+                                      kind=args.kind, refine=args.refine)
         return {"index": str(args.out), "vectors": len(index), "kind": index.kind, "dim": index.dim,
                 "layout": index.info.get("layout", "ram"), "reason": index.info.get("reason")}
     if not (args.model and args.data):

@@ -23,6 +23,16 @@ The choice (``kind="auto"``), by the float32 size of the vectors F = N·D·4 and
   ``retrieval._calibrate`` with exact neighbours streamed over the shards during the fill. No step holds
   more than the sample, one chunk of ADD_CHUNK vectors and one shard's codes and rows.
 
+Searches re-rank (``refine``, default REFINE = 10; FAISS's IndexRefineFlat idea, from disk): the PQ codes
+give k·refine candidates, whose float vectors are read from the embeddings folder's shards (memory-mapped,
+``sslhub.inference.rows.ShardVectors``; the vectors stay where ``sslhub embed`` wrote them) and scored
+exactly. PQ codes alone cannot order near-duplicates (noisy copies of one image differ by less than the
+quantisation error), so without it recall@10 stays low and a stored vector is often not its own first hit.
+meta.json records the folder's absolute path and each shard's sha256 (from its done file); when the folder
+is gone or a shard changed, ``load_index`` warns and the index ranks by its codes alone. nprobe is
+calibrated for the re-ranked search. The build trains PQ without polysemous training (the index factory's
+default, minutes of annealing for a search mode not used here; it was most of the old build time).
+
 The folder (``retrieval.load_index`` reads it; ``Index.search_meta`` returns the rows as for an in-RAM
 index): ``index.faiss`` (trained index, lists by reference), ``index.ivfdata`` (the lists, opened
 memory-mapped, read-only), ``metadata.jsonl`` + ``offsets.npy`` (row i's ``{"id", ...}``, read by one seek:
@@ -53,7 +63,7 @@ from sslhub.inference.embeddings import (EmbeddingsError, count_embeddings, iter
 from sslhub.inference.retrieval import (ADD_CHUNK, CALIB_K, CALIB_QUERIES, METRICS, MIN_PER_LIST, TRAIN_PER_LIST,
                                         Index, _as_matrix, _calibrate, _normalise, _pq_m, _sha256, build_index, faiss,
                                         load_index)
-from sslhub.inference.rows import RowWriter, split_row
+from sslhub.inference.rows import RowWriter, ShardVectors, split_row
 
 log = logging.getLogger("sslhub.inference.ondisk")
 
@@ -66,6 +76,7 @@ OPQ_NITER, OPQ_TRAIN = 10, 16_384  # FAISS defaults 50 and 65,536: minutes per i
 FORMAT_VERSION = 2  # meta.json of an on-disk index; an sslhub that reads only version 1 says "upgrade"
 IVFDATA, OFFSETS = "index.ivfdata", "offsets.npy"
 KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq", "ondisk")
+REFINE = 10  # a search re-ranks k·REFINE PQ candidates by exact scores (FAISS's IndexRefineFlat, from disk)
 
 
 def plan(n: int, dim: int, memory_budget_mb: float, kind: str = "auto", nlist: int | None = None,
@@ -116,15 +127,18 @@ def use_opq(sample: np.ndarray, m: int) -> tuple[bool, float]:
     return ratio > OPQ_RATIO, ratio
 
 
-def _shards(folder: Path) -> tuple[dict, list[str], np.ndarray]:
-    """Manifest, shard names and their row counts; every shard must be finished."""
+def _shards(folder: Path) -> tuple[dict, list[str], np.ndarray, list[dict]]:
+    """Manifest, shard names, their row counts and ``{"name", "count", "sha256"}`` (from the done files);
+    every shard must be finished."""
     manifest = read_manifest(folder)
     total = count_embeddings(folder)  # raises UnfinishedEmbeddingsError, naming the shards, before any work
     names = list(manifest["shards"])
-    counts = np.array([int(shard_status(folder, s, manifest)["count"]) for s in names], dtype=np.int64)
+    done = [shard_status(folder, s, manifest) for s in names]
+    counts = np.array([int(d["count"]) for d in done], dtype=np.int64)
     if total == 0:
         raise EmbeddingsError(f"{folder} holds no embeddings: rerun `sslhub embed` on a non-empty data set")
-    return manifest, names, counts
+    return manifest, names, counts, [{"name": s, "count": int(d["count"]), "sha256": d.get("sha256")}
+                                     for s, d in zip(names, done)]
 
 
 def _gather(folder: Path, names: list[str], counts: np.ndarray, rows: np.ndarray, progress: bool) -> np.ndarray:
@@ -148,15 +162,20 @@ def _topk_merge(best: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.n
 def build_from_embeddings(folder: str | Path, out: str | Path, *, memory_budget_mb: float = DEFAULT_BUDGET_MB,
                           kind: str = "auto", metric: str = "ip", nlist: int | None = None, pq_m: int | None = None,
                           opq: bool | None = None, nprobe: int | None = None, calibration_queries: Any = None,
-                          seed: int = 0, progress: bool = True) -> Index:
+                          refine: int = REFINE, threads: int | None = None, seed: int = 0,
+                          progress: bool = True) -> Index:
     """Index the embeddings folder ``folder`` and save it at ``out`` (see the module docstring); → the index,
-    loaded from ``out`` (an on-disk one memory-mapped). ``opq`` None: by the variance rule."""
-    folder, out = Path(folder), Path(out)
+    loaded from ``out`` (an on-disk one memory-mapped). ``opq`` None: by the variance rule. ``refine``: an
+    on-disk search takes k·refine candidates by the PQ codes and re-ranks them by exact scores against the
+    vectors in ``folder`` (≤ 1: codes only). ``threads``: FAISS's OpenMP threads (None: leave as set)."""
+    folder, out = Path(folder).resolve(), Path(out)
+    if threads:
+        faiss.omp_set_num_threads(int(threads))
     if metric not in METRICS:
         raise InputError(f"metric must be one of {tuple(METRICS)}, got {metric!r}")
     if not folder.is_dir():
         raise EmbeddingsError(f"{folder}: no embeddings folder here (write one with `sslhub embed --out {folder}`)")
-    manifest, names, counts = _shards(folder)
+    manifest, names, counts, records = _shards(folder)
     n, dim = int(counts.sum()), int(manifest["dim"])
     choice = plan(n, dim, memory_budget_mb, kind, nlist, pq_m)
     log.info("index of %d × %d embeddings from %s: %s", n, dim, folder, choice["reason"])
@@ -186,14 +205,15 @@ def build_from_embeddings(folder: str | Path, out: str | Path, *, memory_budget_
         if calibration_queries.shape[1] != dim:
             raise InputError(f"calibration_queries have dimension {calibration_queries.shape[1]} but {folder} "
                              f"holds {dim}-d embeddings: embed them with the same model")
+    vectors = {"embeddings": str(folder), "dtype": manifest["dtype"], "shards": records}
     replace_folder(out, lambda tmp: _build_ondisk(tmp, folder, names, counts, dim, metric, choice, opq, nprobe,
-                                                  calibration_queries, seed, progress, source))
+                                                  calibration_queries, seed, progress, source, vectors, refine))
     return load_index(out)
 
 
 def _build_ondisk(tmp: Path, folder: Path, names: list[str], counts: np.ndarray, dim: int, metric: str,
                   choice: dict, opq: bool | None, nprobe: int | None, queries: np.ndarray | None, seed: int,
-                  progress: bool, source: dict) -> None:
+                  progress: bool, source: dict, vectors: dict, refine: int) -> None:
     t0 = time.perf_counter()
     n, m, nlist = int(counts.sum()), choice["pq_m"], choice["nlist"]
     fmetric = getattr(faiss, METRICS[metric])
@@ -217,6 +237,7 @@ def _build_ondisk(tmp: Path, folder: Path, names: list[str], counts: np.ndarray,
     trained = faiss.index_factory(dim, spec, fmetric)
     ivf = faiss.downcast_index(faiss.extract_index_ivf(trained))
     ivf.cp.seed = seed
+    ivf.do_polysemous_training = False  # the factory's default: minutes of annealing for a search mode unused here
     ivf.pq.cp.niter, ivf.pq.cp.max_points_per_centroid = 10, 64  # as build_index's IVF-PQ
     if opq:
         rotation = faiss.downcast_VectorTransform(trained.chain.at(0))
@@ -267,7 +288,10 @@ def _build_ondisk(tmp: Path, folder: Path, names: list[str], counts: np.ndarray,
             "layout": "ondisk", "factory": spec, "opq": bool(opq), "opq_reason": opq_why, "nlist": nlist,
             "pq_m": m, "pq_bits": 8, "train_size": int(len(train_rows)), "reason": choice["reason"],
             "shards": len(names), **source}
+    info["refine"] = int(refine) if refine and refine > 1 else 0
     out = Index(index, "ivfpq", metric, info, None, None)
+    if info["refine"]:  # calibrate nprobe for the search as it will run: re-ranked
+        out.vectors, out.refine = ShardVectors(folder, vectors["shards"]), info["refine"]
     out.nprobe = nprobe or _calibrate(out, None, queries, seed, own=own, exact=exact[1])
     shutil.rmtree(blocks_dir)
     faiss.write_index(index, str(tmp / formats.INDEX_FAISS))
@@ -278,7 +302,7 @@ def _build_ondisk(tmp: Path, folder: Path, names: list[str], counts: np.ndarray,
     meta = {"format": "sslhub-index", "format_version": FORMAT_VERSION, "layout": "ondisk", "dim": dim,
             "kind": "ivfpq", "metric": metric, "count": n, "has_metadata": True, "info": info, "ids": None,
             "files": files, "index_bytes": files[formats.INDEX_FAISS]["bytes"],
-            "index_sha256": files[formats.INDEX_FAISS]["sha256"]}
+            "index_sha256": files[formats.INDEX_FAISS]["sha256"], "vectors": vectors}
     (tmp / formats.INDEX_META).write_text(json.dumps(meta, ensure_ascii=False))
     log.info("built on-disk index: %s", json.dumps(info, ensure_ascii=False))
 

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from sslhub import formats
 from sslhub.atomic import replace_folder
 from sslhub.errors import InputError, SslhubError
-from sslhub.inference.rows import JsonlRows
+from sslhub.inference.rows import JsonlRows, open_vectors
 
 log = logging.getLogger("sslhub.inference.retrieval")
 
@@ -113,6 +113,9 @@ class Index:
     def __init__(self, index: "faiss.Index", kind: str, metric: str, info: dict, ids: list | None, metadata: list | None):
         self.faiss, self.kind, self.metric, self.info = index, kind, metric, info
         self.ids, self.metadata = ids, metadata  # ids None: the row numbers 0..N-1
+        # on disk: k·refine candidates by the codes, re-ranked by exact scores against the float vectors
+        # (``sslhub.inference.rows.ShardVectors``, memory-mapped); refine ≤ 1 or no vectors: the codes' order
+        self.vectors, self.refine = None, 0
 
     def __len__(self) -> int:
         return int(self.faiss.ntotal)
@@ -151,7 +154,11 @@ class Index:
     def _search_rows(self, q: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
         if k < 1:
             raise InputError(f"k must be ≥ 1, got {k}")
-        return self.faiss.search(q, min(k, len(self)), params=params)  # (Q, k) scores, (Q, k) rows (-1: none)
+        k = min(k, len(self))
+        if self.vectors is None or self.refine <= 1:
+            return self.faiss.search(q, k, params=params)  # (Q, k) scores, (Q, k) rows (-1: none)
+        rows = self.faiss.search(q, min(len(self), k * self.refine), params=params)[1]  # (Q, k·refine) candidates
+        return _rerank(q, rows, self.vectors, self.metric, k)
 
     def _id(self, row: int):
         return None if row < 0 else row if self.ids is None else self.ids[row]
@@ -193,6 +200,25 @@ class Index:
         replace_folder(path, build)
         log.info("saved %s to %s", self, path)
         return path
+
+
+def _rerank(q: np.ndarray, rows: np.ndarray, vectors, metric: str, k: int, chunk: int = 256):
+    """Candidates ``rows (Q, C)`` (-1: none) re-scored exactly against ``vectors.get`` → the best k (scores, rows)."""
+    larger, worst = metric != "l2", np.float32(-np.inf if metric != "l2" else np.inf)
+    out_d, out_i = np.full((len(q), k), worst, np.float32), np.full((len(q), k), -1, np.int64)
+    for s in range(0, len(q), chunk):  # bounds the gathered (chunk·C, D) floats
+        r = rows[s : s + chunk]
+        valid = r >= 0
+        uniq, inv = np.unique(r[valid], return_inverse=True)
+        x = vectors.get(uniq)  # (U, D) float32, read from the memory-mapped shards
+        if metric == "cosine":
+            x = _normalise(x)
+        qi = np.nonzero(valid)[0] + s
+        d = np.full(r.shape, worst, np.float32)
+        d[valid] = (np.einsum("ij,ij->i", q[qi], x[inv]) if larger else ((q[qi] - x[inv]) ** 2).sum(1))
+        order = np.argsort(-d if larger else d, axis=1, kind="stable")[:, :k]
+        out_d[s : s + chunk], out_i[s : s + chunk] = np.take_along_axis(d, order, 1), np.take_along_axis(r, order, 1)
+    return out_d, np.where(np.isfinite(out_d), out_i, -1)
 
 
 def _sha256(file: Path) -> str:
@@ -243,7 +269,10 @@ def load_index(path: str | Path, verify: bool = True) -> Index:
             rows = JsonlRows(md_file, path / "offsets.npy", count)
         except (OSError, ValueError) as e:
             raise _bad(md_file, f"unreadable with its offsets.npy ({e})") from None
-        return Index(index, kind, metric, info, rows.ids, rows.metadata)
+        out = Index(index, kind, metric, info, rows.ids, rows.metadata)
+        out.vectors = open_vectors(meta.get("vectors"), str(path)) if info.get("refine", 0) > 1 else None
+        out.refine = int(info.get("refine", 0)) if out.vectors is not None else 0
+        return out
     rows = md_file.read_text().splitlines() if md_file.is_file() else []
     if len(rows) != count:
         raise _bad(md_file, f"has {len(rows)} rows for {count} vectors" if md_file.is_file() else "missing")

@@ -12,6 +12,7 @@ holds (``index.ids[row]``, ``index.metadata[row]``), so ``search_meta`` returns 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from sslhub.errors import InputError
+
+log = logging.getLogger("sslhub.inference.rows")
 
 
 class RowWriter:
@@ -120,3 +123,54 @@ class _Field(Sequence):
 
     def __iter__(self):
         return (self._pick(r) for r in self.rows)
+
+
+class ShardVectors:
+    """The float vectors of an on-disk index's rows, memory-mapped from the embeddings folder it was built from
+    (``np.load(mmap_mode="r")`` per shard; nothing copied): ``vectors.get(rows)`` → ``(len(rows), D)`` float32.
+
+    ``record`` is what the build wrote in meta.json: ``{"embeddings": absolute folder, "shards": [{"name",
+    "count", "sha256"}]}``; :func:`open_vectors` checks it against the folder's done files."""
+
+    def __init__(self, folder: Path, shards: list[dict[str, Any]]):
+        self.folder = Path(folder)
+        self.arrays = [np.load(self.folder / f"{s['name']}.npy", mmap_mode="r", allow_pickle=False) for s in shards]
+        for a, s in zip(self.arrays, shards):
+            if a.ndim != 2 or len(a) != int(s["count"]):
+                raise InputError(f"{self.folder / (s['name'] + '.npy')} is {a.shape}, recorded {s['count']} rows")
+        self.starts = np.concatenate([[0], np.cumsum([len(a) for a in self.arrays])]).astype(np.int64)
+        self.dim = int(self.arrays[0].shape[1])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def get(self, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (global numbers ≥ 0, any order) → float32 ``(len(rows), D)``; one sorted read per shard."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.dim), np.float32)
+        shard = np.searchsorted(self.starts, rows, side="right") - 1
+        for s in np.unique(shard):
+            at = np.flatnonzero(shard == s)
+            local = rows[at] - self.starts[s]
+            order = np.argsort(local, kind="stable")
+            out[at[order]] = self.arrays[s][local[order]]
+        return out
+
+
+def open_vectors(record: dict[str, Any] | None, where: str) -> ShardVectors | None:
+    """The vectors an index recorded, or None (with a warning naming why) when its embeddings folder is gone
+    or changed: the index then ranks by its compressed codes alone."""
+    if not record:
+        return None
+    folder = Path(record["embeddings"])
+    try:
+        for s in record["shards"]:
+            done = json.loads((folder / f"{s['name']}.done.json").read_text())
+            if done.get("sha256") != s["sha256"] or int(done["count"]) != int(s["count"]):
+                raise InputError(f"shard {s['name']} changed since the index was built (sha256 or count differ)")
+        return ShardVectors(folder, record["shards"])
+    except (OSError, ValueError, KeyError, TypeError, InputError) as e:
+        log.warning("%s: cannot re-rank by exact scores: the embeddings at %s are missing or changed (%s); "
+                    "searching by the compressed codes alone (lower recall). Rebuild the index, or restore the "
+                    "folder.", where, folder, e)
+        return None
