@@ -74,7 +74,8 @@ def make(n: int, out: Path, src: Path = SOURCE, split: str = "train", per_shard:
     dataset = {"name": f"{meta.get('name', src.name)}-x{copy}", "source": f"{src} ({split}) repeated by "
                f"bench/make_big_shards.py, keys <copy>_<key>", "encoding": meta.get("encoding"),
                "classes": meta.get("classes"), "license": meta.get("license"),
-               "splits": {"train": {"n": n, "shards": shards}}}
+               "splits": {"train": {"n": n, "shards": shards,  # per-shard counts: streaming need not count them
+                                    "counts": [min(per_shard, n - i * per_shard) for i in range(len(shards))]}}}
     (out / "dataset.json").write_text(json.dumps(dataset, indent=1) + "\n")
     return dataset
 

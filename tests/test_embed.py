@@ -19,7 +19,7 @@ from conftest import REPO, SAMPLE, run_cli
 from PIL import Image
 
 from sslhub.apps.cli import main as cli_main
-from sslhub.data.sources import iter_shard
+from sslhub.data.sources import count_shard, iter_shard
 from sslhub.eval import protocols
 from sslhub.inference import embeddings as E
 from sslhub.inference.embed import check_manifest
@@ -84,7 +84,9 @@ def stats(folder: Path, name: str) -> dict:
 
 def test_make_big_shards_repeats_under_new_keys(shards):
     meta = json.loads((shards / "dataset.json").read_text())
-    assert meta["splits"]["train"] == {"n": 900, "shards": ["train-00000.tar", "train-00001.tar", "train-00002.tar"]}
+    assert meta["splits"]["train"] == {"n": 900, "shards": ["train-00000.tar", "train-00001.tar", "train-00002.tar"],
+                                       "counts": [300, 300, 300]}
+    assert [count_shard(shards / p) for p in meta["splits"]["train"]["shards"]] == [300, 300, 300]
     assert len(meta["classes"]) == 10
     keys = [s.key.split(":", 1)[1] for p in meta["splits"]["train"]["shards"] for s in iter_shard(shards / p)]
     source = [s.key.split(":", 1)[1] for s in iter_shard(SAMPLE / "test-00000.tar.gz")]
