@@ -129,7 +129,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
                                           len((run / "metrics.csv").read_text().splitlines()) > 3):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=240)
     assert proc.returncode == 2, err
     stopped = re.search(r"interrupted at step (\d+)/5000: the run is saved in (\S+); continue it with: "
                         r"(sslhub train .* --resume)$", err.strip())
