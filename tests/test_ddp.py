@@ -15,10 +15,10 @@ import sys
 import pytest
 import torch
 from conftest import REPO
-from test_distributed import ENV, STILL_VIEWS, TORCHRUN, TRAIN_STEPS, assert_runs_close, assert_states_close
+from test_distributed import (ENV, STILL_VIEWS, TORCHRUN, TRAIN_STEPS, assert_runs_close, assert_states_close,
+                              states_and_moved)
 
 from sslhub.config import ConfigError
-from sslhub.train.checkpoint import load_state
 from sslhub.train.parallel import Parallel, choose
 from sslhub.train.recipe import recipe_from_dict
 
@@ -79,13 +79,7 @@ def train_ddp_and_one(tmp_path, recipe: str, sets: list[str], one_sets: list[str
     one_args = [*args, *(a for s in one_sets for a in ("--set", s))]
     subprocess.run([sys.executable, "-m", "sslhub", "train", *one_args, "--out", str(tmp_path / "one")], check=True,
                    env={**ENV, "OMP_NUM_THREADS": "2"}, cwd=REPO, timeout=300, capture_output=True)
-    assert json.loads((tmp_path / "two/export/config.json").read_text())["sslhub"]["processes"] == 2
-    states = {run: {int(p.stem.split("-")[1]): load_state(p)["model"]
-                    for p in (tmp_path / run / "checkpoints").glob("step-*.safetensors")} for run in ("one", "two")}
-    assert sorted(states["one"]) == sorted(states["two"]) == list(range(1, TRAIN_STEPS + 1))
-    first, last = states["one"][1], states["one"][TRAIN_STEPS]
-    moved = {k: (last[k].double() - first[k].double()).abs().max().item() for k in last if last[k].is_floating_point()}
-    return states["one"], states["two"], moved
+    return states_and_moved(tmp_path)
 
 
 def assert_reduced_by_ddp(tmp_path, accumulate: int, find_unused: bool = False) -> None:

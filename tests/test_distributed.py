@@ -88,6 +88,12 @@ def train_two_and_one(tmp_path, recipe: str, sets: list[str], one_sets: list[str
                          check=True, env={**ENV, "OMP_NUM_THREADS": "2"}, cwd=REPO, timeout=300,
                          capture_output=True, text=True)
     assert json.loads(one.stdout.strip().splitlines()[-1])["steps"] == TRAIN_STEPS
+    return states_and_moved(tmp_path)
+
+
+def states_and_moved(tmp_path) -> tuple[dict, dict, dict]:
+    """The model state of every checkpoint of runs ``one`` and ``two`` (2 processes) by step, and how far each
+    tensor moved in the one-process run from step 1."""
     assert json.loads((tmp_path / "two/export/config.json").read_text())["sslhub"]["processes"] == 2
     states = {run: {int(p.stem.split("-")[1]): load_state(p)["model"]
                     for p in (tmp_path / run / "checkpoints").glob("step-*.safetensors")} for run in ("one", "two")}

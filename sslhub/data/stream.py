@@ -55,18 +55,24 @@ from sslhub.errors import InputError
 log = logging.getLogger("sslhub.data")
 
 
+def _split_info(shards: list[Path], split: str) -> dict:
+    """The ``dataset.json`` entry of ``split`` when it lists exactly these shards, else ``{}``."""
+    meta = shards[0].parent / formats.DATASET_JSON if shards else None
+    if meta is None or not meta.is_file():
+        return {}
+    try:
+        info = json.loads(meta.read_text()).get("splits", {}).get(split, {})
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) and info.get("shards") == [s.name for s in shards] else {}
+
+
 def shard_counts(shards: list[Path], split: str, workers: int = 2, progress: bool = True) -> list[int]:
     """The sample count of every shard: from ``dataset.json`` (``splits[split]["counts"]``) when it lists them,
     else counted from the tar headers (``count_shard``) in ``workers`` threads."""
-    meta = shards[0].parent / formats.DATASET_JSON if shards else None
-    if meta is not None and meta.is_file():
-        try:
-            info = json.loads(meta.read_text()).get("splits", {}).get(split, {})
-        except ValueError:
-            info = {}
-        names, counts = info.get("shards"), info.get("counts")
-        if isinstance(counts, list) and names == [s.name for s in shards] and len(counts) == len(shards):
-            return [int(c) for c in counts]
+    counts = _split_info(shards, split).get("counts")
+    if isinstance(counts, list) and len(counts) == len(shards):
+        return [int(c) for c in counts]
     with ThreadPoolExecutor(max(1, workers)) as pool, \
             tqdm(total=len(shards), desc="counting samples", unit="shard", disable=not progress, leave=False) as bar:
         counts = []
@@ -79,15 +85,8 @@ def shard_counts(shards: list[Path], split: str, workers: int = 2, progress: boo
 def listed_size(shards: list[Path], split: str) -> Optional[int]:
     """The split's sample count as its ``dataset.json`` states it (``splits[split]["n"]``), when it lists exactly
     these shards; else None.  Cheap: ``data.cache: auto`` decides from it without counting the shards."""
-    meta = shards[0].parent / formats.DATASET_JSON if shards else None
-    if meta is None or not meta.is_file():
-        return None
-    try:
-        info = json.loads(meta.read_text()).get("splits", {}).get(split, {})
-    except ValueError:
-        return None
-    n = info.get("n")
-    return int(n) if isinstance(n, int) and info.get("shards") == [s.name for s in shards] else None
+    n = _split_info(shards, split).get("n")
+    return int(n) if isinstance(n, int) else None
 
 
 @dataclass
@@ -275,7 +274,6 @@ class StreamLoader:
                                  prefetch_factor=2 if self.workers else None)
         self.iterator = iter(self.loader) if start < total else iter(())
         self.next_step = start
-        self.seen_by: dict[int, set] = {}  # worker pid → lanes it served (tests, logs)
 
     def rows(self, step: int) -> StepRows:
         if step != self.next_step:
@@ -286,7 +284,6 @@ class StreamLoader:
             if item["step"] != step:
                 raise RuntimeError(f"a data worker sent step {item['step']} for step {step}")
             chunks.update(item["lanes"])
-            self.seen_by.setdefault(item["worker"], set()).update(item["lanes"])
         parts = [chunks[k] for k in self.own]
         for k in self.own:
             self.positions[k] = tuple(chunks[k]["position"])

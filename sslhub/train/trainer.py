@@ -107,9 +107,10 @@ class Trainer:
         dc, size = self.recipe.data, self.recipe.encoder.image_size
         self.needs_text = get_method(self.recipe.method).needs_text
         shards, _ = list_shards(dc.train, dc.split)
-        mode, counts = self.cache_mode(shards), None
+        self._counts = None  # set by cache_mode when it had to count the shards
+        mode = self.cache_mode(shards)
         if mode == "stream":
-            counts = shard_counts(shards, dc.split, dc.num_workers, self.progress and D.is_main())
+            counts = self._counts or shard_counts(shards, dc.split, dc.num_workers, self.progress and D.is_main())
             self.stream_plan = StreamPlan(shards, counts, self.lanes(len(shards)), self.step_batch, self.recipe.seed,
                                           dc.shuffle_buffer, dc.uneven, size, dc.split, dc.train)
             self.n_train = len(self.stream_plan)
@@ -139,7 +140,9 @@ class Trainer:
             log.info("data.cache=auto: memory (%s is not shards, which streaming reads)", dc.train)
             return "memory"
         n = listed_size(shards, dc.split)
-        n = n if n is not None else sum(shard_counts(shards, dc.split, dc.num_workers, self.progress and D.is_main()))
+        if n is None:
+            self._counts = shard_counts(shards, dc.split, dc.num_workers, self.progress and D.is_main())
+            n = sum(self._counts)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
         need, limit = decoded_mb(n, size) * local, dc.cache_limit_mb or memory_limit_mb()
         mode = "memory" if need <= limit else "stream"
