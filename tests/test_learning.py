@@ -89,6 +89,18 @@ SETTINGS: dict[str, dict] = {
                "a centre that is the last step's teacher mean (momentum 0) make the target fixed after step 1 (the "
                "recipe's teacher momentum 0.9995 barely moves it); steps 0–1, before the centre is set, are left "
                "out.  lr 0.005 × 16/256 (AdamW): the recipe's 5e-4 moves the student too little"},
+    "relative_position": {
+        "set": {"method_args.guards": {"colour": "none", "pixelate_p": 0.0}, "method_args.all_neighbours": True,
+                "optim.lr": 0.5},
+        "why": "one neighbour drawn per image makes the label of 16 pairs change every step: the loss jitters by "
+               "±0.15 around ln 8 and 40 steps cannot show a fall (measured: drop 0.06, noise 0.07); all 8 pairs of "
+               "each image (128 labels a step) cut that noise 3x.  The guards (colour dropping, pixelation) leave "
+               "little to learn in 40 steps on 3-px patches (drop 0.13 with them, noise 0.023); they have their own "
+               "tests (test_grid.py, test_patch_context.py).  lr 0.5 x 16/256: the recipe's 0.2 is slower"},
+    "jigsaw": {
+        "set": {"method_args.num_permutations": 4, "optim.lr": 0.5},
+        "why": "100 permutations for 16 images is a 100-way task whose label changes each step: 40 steps leave it "
+               "at chance (drop 0.07, noise 0.075); 4 permutations can be learnt in 40 steps.  lr 0.5 x 16/256"},
     "simmim": {
         "set": {"method_args.mask_patch_size": None, "optim.lr": 0.02},
         "why": "the recipe's 16-px mask cells are the whole 16-px image here (nothing could stay visible): null is "
@@ -104,9 +116,11 @@ MIN_DROP: dict[str, float] = {  # measured drop (torch 2.14, CPU) in the comment
     "byol": 0.7,  # 2.19
     "clip": 0.8,  # 2.44
     "dino": 0.3,  # 0.89 (steps 2+)
+    "jigsaw": 0.26,  # 0.78 (4 permutations)
     "moco_v2": 0.27,  # 0.82 (steps 1+)
     "mae": 0.38,  # 1.15
     "moco_v3": 0.2,  # 0.59
+    "relative_position": 0.12,  # 0.36 (all 8 pairs, no guards)
     "rotation": 0.22,  # 0.67
     "simclr": 0.17,  # 0.52
     "simmim": 0.06,  # 0.185 (lr 0.02)
