@@ -3,6 +3,7 @@ from sslhub.methods import (
     barlow_twins,  # noqa: F401
     byol,  # noqa: F401
     clip,  # noqa: F401
+    cpc,  # noqa: F401
     dino,  # noqa: F401
     mae,  # noqa: F401
     moco_v2,  # noqa: F401
