@@ -5,9 +5,11 @@ from sslhub.methods import (
     clip,  # noqa: F401
     cpc,  # noqa: F401
     dino,  # noqa: F401
+    jigsaw,  # noqa: F401
     mae,  # noqa: F401
     moco_v2,  # noqa: F401
     moco_v3,  # noqa: F401
+    relative_position,  # noqa: F401
     rotation,  # noqa: F401
     simmim,  # noqa: F401
     simclr,  # noqa: F401
