@@ -129,10 +129,6 @@ class RowDraws:
     def __init__(self, seed: int, start: int, n: int):
         self.seed, self.start, self.n, self.calls = int(seed), int(start), int(n), 0
 
-    @classmethod
-    def from_seed(cls, seed: int, start: int, n: int) -> "RowDraws":
-        return cls(seed, start, n)
-
     def _gen(self) -> torch.Generator:
         self.calls += 1
         return torch.Generator().manual_seed((self.seed * 1_000_003 + self.calls * 0x9E3779B1) % (2**63))
