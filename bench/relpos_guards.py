@@ -8,7 +8,9 @@ learning about objects; colour dropping / projection and down-then-up sampling o
 * ``guards`` — the recipe as it is (colour dropping + pixelation): the ``relative_position`` rows of the main
   table, read from ``bench/results/methods_cifar10`` (run that first);
 * ``no guards`` — ``guards.colour=none, guards.pixelate_p=0``;
-* ``projection`` — the paper's other chromatic-aberration guard: ``guards.colour=project`` (pixelation kept).
+* ``projection`` — the paper's other chromatic-aberration guard: ``guards.colour=project`` (pixelation kept);
+* ``all 8 pairs`` — guards as the recipe, but every image gives its 8 (centre, neighbour) pairs with the centre's
+  tower run once (``all_neighbours=true``): more labels per FLOP, fewer steps.
 
 For each: held-out pretext accuracy on clean patches and on guarded ones (the same fixed guarded test for every
 model), k-NN top-1 (k = 200) and the linear probe, median over seeds (min–max).
@@ -44,6 +46,7 @@ RESULTS = REPO / "bench/results/relpos_guards"
 VARIANTS = {  # name → overrides of recipes/relative_position_cifar10.yaml
     "no guards": ["method_args.guards.colour=none", "method_args.guards.pixelate_p=0"],
     "projection": ["method_args.guards.colour=project"],
+    "all 8 pairs": ["method_args.all_neighbours=true"],  # not a guard: every neighbour of each image, one centre
 }
 METHOD = "relative_position"
 log = logging.getLogger("bench.relpos_guards")
