@@ -6,12 +6,14 @@ relative position, "which permutation undoes the shuffle" for jigsaw); the metho
 then find it right every time — a label off by one, a neighbour table or a shuffle read the wrong way round drops
 the oracle to chance.
 """
+import io
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from sslhub.data.augment import ViewConfig
 from sslhub.data.grid import PatchGuards
@@ -203,3 +205,17 @@ def test_the_permutation_set_is_part_of_the_checkpoint():
     assert "permutations" in a.state_dict()
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.permutations, b.permutations)
+
+
+@pytest.mark.parametrize("make,name", [(relpos, "relative_position_pairs.png"), (jigsaw, "jigsaw_puzzles.png")])
+def test_pictures_show_the_puzzles_of_each_image(make, name):
+    """The run folder's / card's picture: one row per image (8 at most), a PNG that opens, a caption with the
+    share the model got right; the oracle gets every one right."""
+    m = make()
+    m.tower, m.classify = corner_tower({}), fig2_oracle
+    if isinstance(m, Jigsaw):
+        m.logits = jigsaw_oracle(m)
+    png, caption = m.pictures(coordinate_images(10), "test images")[name]
+    img = Image.open(io.BytesIO(png))
+    assert img.format == "PNG" and img.height > 8 * 96  # 8 rows of at least 96 px
+    assert "100%" in caption and "test images" in caption
