@@ -42,8 +42,8 @@ from torch import nn
 from sslhub.config import check
 from sslhub.data.augment import ViewConfig
 from sslhub.data.grid import PatchGuards, RowDraws, sample_positions, take_patches
-from sslhub.methods.base import Batch, MethodConfig
-from sslhub.methods.patch_context import PatchTowerMethod, mlp_block
+from sslhub.methods.base import Batch
+from sslhub.methods.patch_context import PatchContextConfig, PatchTowerMethod, mlp_block
 from sslhub.methods.registry import register_method
 from sslhub.publish.pictures import image_grid
 
@@ -85,32 +85,27 @@ def shuffle_tiles(tiles: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class JigsawConfig(MethodConfig):
-    num_permutations: int = 100  # P (paper: 1000 in its main results, 100 … 1000 in Table 3; 100 here: 1.3 k CIFAR
-    #                               images a class would be thin for 1000 classes in a short run)
-    perm_seed: int = 0  # the permutation set is drawn from this seed, then kept in the checkpoint
+class JigsawConfig(PatchContextConfig):
     patch_frac: float = 0.85  # tile side / cell side; paper: 64-px tiles in 75-px cells
     jitter_frac: float = 1.0  # each tile anywhere in its cell (paper: a random 64-px crop of the 75-px cell)
     guards: PatchGuards = field(default_factory=lambda: PatchGuards(colour="none", pixelate_p=0.0))  # paper: none
-    tile_dim: int = 512  # fc6, per tile and shared (paper: 512 on AlexNet; 0 → the backbone's features)
     hidden_dim: int = 1024  # fc7 on the 9 concatenated tiles (paper: 4096)
     # Paper §3.1 and its code: a random crop of the image, random colour jitter of the channels and grayscale on
     # 30 % of the images (against chromatic aberration), then per-tile normalisation.
     views: ViewConfig = field(default_factory=lambda: ViewConfig(
         size=32, scale=(0.6, 1.0), hflip_p=0.0, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4,
         hue=0.05, gray_p=0.3, blur_p=0.0))
+    num_permutations: int = 100  # P (paper: 1000 in its main results, 100 … 1000 in Table 3; 100 here: 1.3 k CIFAR
+    #                               images a class would be thin for 1000 classes in a short run)
+    perm_seed: int = 0  # the permutation set is drawn from this seed, then kept in the checkpoint
+    tile_dim: int = 512  # fc6, per tile and shared (paper: 512 on AlexNet; 0 → the backbone's features)
 
     def __post_init__(self):
+        super().__post_init__()
         check(2 <= self.num_permutations <= 362880, "num_permutations",
               "must be in 2 … 362880 = 9! (the paper: 100 … 1000)")
         check(self.perm_seed >= 0, "perm_seed", "must be a non-negative integer")
-        check(0 < self.patch_frac <= 1, "patch_frac", "the tile side as a fraction of a grid cell's, in (0, 1] "
-              "(the paper: 64/75 = 0.85)")
-        check(0 <= self.jitter_frac <= 1, "jitter_frac", "the jitter as a fraction of the tile side, in [0, 1] "
-              "(1: anywhere in the cell, as the paper)")
         check(self.tile_dim >= 0, "tile_dim", "must be >= 0 (0: the backbone's features go straight to fc7)")
-        check(self.hidden_dim >= 1, "hidden_dim", "must be a positive integer (the paper: 4096)")
-        check(self.views.size >= 3, "views.size", "a 3×3 grid needs a view of at least 3 px")
 
 
 @register_method("jigsaw")

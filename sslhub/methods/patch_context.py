@@ -8,13 +8,34 @@ per-patch layer shared by every patch, the papers' ``fc6``) and a picture helper
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from sslhub.data.augment import BatchAugment, eval_transform, normalize
-from sslhub.data.grid import GridGeometry, RowDraws, gapped_grid, guard_patches, normalize_each_patch
-from sslhub.methods.base import Method
+from sslhub.config import check
+from sslhub.data.augment import BatchAugment, ViewConfig, eval_transform, normalize
+from sslhub.data.grid import GridGeometry, PatchGuards, RowDraws, gapped_grid, guard_patches, normalize_each_patch
+from sslhub.methods.base import Method, MethodConfig
+
+
+@dataclass
+class PatchContextConfig(MethodConfig):
+    """The grid, guards and classifier width both methods have; each method sets its paper's defaults."""
+
+    patch_frac: float = 0.67  # patch side / cell side
+    jitter_frac: float = 0.075  # up to this × the patch side each way, clipped to the cell (1: anywhere in it)
+    guards: PatchGuards = field(default_factory=PatchGuards)
+    hidden_dim: int = 512  # fc7 on the concatenated patch features
+    views: ViewConfig = field(default_factory=ViewConfig)
+
+    def __post_init__(self):
+        check(0 < self.patch_frac <= 1, "patch_frac", "the patch side as a fraction of a grid cell's, in (0, 1] "
+              "(relative position: 0.67, a half-patch gap; jigsaw: 64/75 = 0.85)")
+        check(0 <= self.jitter_frac <= 1, "jitter_frac", "the jitter as a fraction of the patch side, in [0, 1] "
+              "(relative position: 0.075; jigsaw: 1, anywhere in the cell)")
+        check(self.hidden_dim >= 1, "hidden_dim", "must be a positive integer (the papers: 4096)")
+        check(self.views.size >= 3, "views.size", "a 3×3 grid needs a view of at least 3 px")
 
 
 def mlp_block(d_in: int, d_out: int) -> nn.Sequential:

@@ -33,9 +33,9 @@ from torch import nn
 from sslhub.config import check
 from sslhub.data.augment import ViewConfig
 from sslhub.data.grid import PatchGuards, RowDraws, guard_patches, sample_positions, take_patches
-from sslhub.methods.base import Batch, Method, MethodConfig
+from sslhub.methods.base import Batch
+from sslhub.methods.patch_context import PatchContextConfig, PatchTowerMethod, mlp_block, outline
 from sslhub.methods.registry import register_method
-from sslhub.methods.patch_context import PatchTowerMethod, mlp_block, outline
 from sslhub.publish.pictures import image_grid
 
 CENTRE = 4  # the centre cell of the row-major 3×3 grid
@@ -51,28 +51,23 @@ def pair_corners(tops: torch.Tensor, lefts: torch.Tensor, labels: torch.Tensor) 
 
 
 @dataclass
-class RelativePositionConfig(MethodConfig):
-    patch_frac: float = 0.67  # patch side / cell side; paper: 96-px patches, 48-px gaps → 96/144
-    jitter_frac: float = 0.075  # up to this × the patch side each way; paper: 7 px of 96
-    guards: PatchGuards = field(default_factory=PatchGuards)
-    patch_dim: int = 512  # fc6, per patch and shared (paper: 4096 on AlexNet; 0 → the backbone's features)
+class RelativePositionConfig(PatchContextConfig):
+    patch_frac: float = 0.67  # paper: 96-px patches in 144-px cells (48-px gaps) → 96/144
+    jitter_frac: float = 0.075  # paper: up to 7 px of 96 each way
+    guards: PatchGuards = field(default_factory=PatchGuards)  # paper: colour dropping + down-then-up sampling
     hidden_dim: int = 512  # fc7 on the concatenated pair (paper: 4096)
-    # Paper: one neighbour drawn per image.  True: all 8 pairs of each image, the centre's tower run once for
-    # them (9 patches for 8 labels instead of 2 for 1: 3.6x the labels per tower FLOP, and 8x less label noise)
-    all_neighbours: bool = False
     # Paper: patches from whole images resized to 150k–450k pixels, no other augmentation; here a mild random
     # crop and flip of the image before the grid is cut (a flip of the whole image keeps the geometry's labels).
     views: ViewConfig = field(default_factory=lambda: ViewConfig(
         size=32, scale=(0.6, 1.0), hflip_p=0.5, jitter_p=0.0, gray_p=0.0, blur_p=0.0))
+    patch_dim: int = 512  # fc6, per patch and shared (paper: 4096 on AlexNet; 0 → the backbone's features)
+    # Paper: one neighbour drawn per image.  True: all 8 pairs of each image, the centre's tower run once for
+    # them (9 patches for 8 labels instead of 2 for 1: 3.6x the labels per tower FLOP, and 8x less label noise)
+    all_neighbours: bool = False
 
     def __post_init__(self):
-        check(0 < self.patch_frac <= 1, "patch_frac", "the patch side as a fraction of a grid cell's, in (0, 1] "
-              "(the paper: 0.67, a half-patch gap)")
-        check(0 <= self.jitter_frac <= 1, "jitter_frac", "the jitter as a fraction of the patch side, in [0, 1] "
-              "(the paper: 0.075)")
+        super().__post_init__()
         check(self.patch_dim >= 0, "patch_dim", "must be >= 0 (0: the backbone's features go straight to fc7)")
-        check(self.hidden_dim >= 1, "hidden_dim", "must be a positive integer (the paper: 4096)")
-        check(self.views.size >= 3, "views.size", "a 3×3 grid needs a view of at least 3 px")
 
 
 @register_method("relative_position")
