@@ -168,7 +168,7 @@ class Jigsaw(PatchTowerMethod):
         restored = shuffle_tiles(shuffled, self.permutations[pred].argsort(1))
         geom = self.geometry(x.shape[-1])
         png = image_grid([self.to_uint8(x), mosaic(shuffled, geom.stride), mosaic(restored, geom.stride)],
-                         ["image", "shuffled tiles", "re-ordered by the model"])
+                         ["image", "shuffled", "model's order"])
         acc = float((pred == k).float().mean())
         return {"jigsaw_puzzles.png": (png, f"Jigsaw puzzles on {what}: each image, its 9 tiles shuffled by one of "
                                             f"{self.cfg.num_permutations} permutations, and the tiles put back in "
