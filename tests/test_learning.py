@@ -17,7 +17,7 @@ method needs beyond that, each with the reason.  Two checks, after ``STEPS`` ste
 
 It bites: with ``cosine_schedule`` returning zeros (lr ≡ 0), with the gradients negated in ``apply_update`` and
 with every optimiser of ``build_optimizer`` ascending (LARS's update sign flipped, SGD/AdamW ``maximize=True``),
-every method fails (issue 14).  The 13 methods take ~50 s of CPU together (one thread each).
+every method fails (issue 14).  The 16 methods take ~60 s of CPU together (one thread each).
 """
 from __future__ import annotations
 
