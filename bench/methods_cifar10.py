@@ -16,7 +16,7 @@ features of a class-balanced ``--bank`` subset of the training split and of the 
 weighted k-NN (k = 20 and 200, τ = 0.07) and a logistic-regression linear probe (C picked on a held-out
 20 % of the bank).  "random init" is the same backbone exported untrained.
 
-    python bench/methods_cifar10.py                       # everything, 3 seeds, ~27 min a seed on 2 cores
+    python bench/methods_cifar10.py                       # everything, 3 seeds, ~36 min a seed on 2 cores
     python bench/methods_cifar10.py --methods byol dino   # re-run some; the others are read from bench/results
     python bench/methods_cifar10.py --resume              # only the (seed, method) rows not yet measured
 Writes bench/results/methods_cifar10/seed<N>/<method>.json (kept in git: the table is rebuilt from them with
@@ -223,7 +223,7 @@ def summary(rs: list[dict]) -> dict:
 def pretext_cell(r: dict) -> str:
     """The method's held-out pretext accuracies (median over seeds), e.g. ``rotation_acc 71.2``; – for none
     (per-offset figures such as CPC's ``cpc_acc_k2`` are left to the JSON)."""
-    return ", ".join(f"{k} {100 * v:.1f}" for k, v in r.get("pretext", {}).items()
+    return ", ".join(f"{k} {100 * v:.3g}" for k, v in r.get("pretext", {}).items()
                      if not re.search(r"_k\d+$", k)) or "–"
 
 
@@ -308,11 +308,12 @@ def report(stats: list[dict], where: str, first: dict) -> str:
         f"upper bounds and the FLOP budget, not time, is what is held equal.",
         f"At this budget a method sees {min(r['epochs'] for r in trained):g}–{max(r['epochs'] for r in trained):g} "
         f"epochs: the table ranks how much each method learns per training FLOP early on, not converged accuracy "
-        f"(the papers train for hundreds of epochs); multi-crop and 4-rotation batches buy fewer steps.",
+        f"(the papers train for hundreds of epochs); multi-crop, 4-rotation batches and CPC's 49 patches an image buy "
+        f"fewer steps, relative position's two 7-px patches an image many more.",
         "",
         "Pretext: the method's own task on the 10,000 test images (`Method.evaluate`, %; chance: rotation 25, "
-        "relative position 12.5, jigsaw 1 of its 100 permutations, CPC 1 of the batch's patches); rows measured "
-        "before the column existed show –.",
+        "relative position 12.5, jigsaw 1 (1 of its 100 permutations), CPC 0.016 (1 of the 6,272 patches of an "
+        "evaluation batch of 128 images)); rows measured before the column existed show –.",
         "",
         "| method | seeds | GFLOP/step | steps | epochs | train CPU s (wall s) | pretext (held-out) | k-NN top-1 k=20 | "
         "k-NN top-1 k=200 | linear top-1 | Δ linear vs random |",
