@@ -88,8 +88,10 @@ def captions(n: int) -> list[str]:
 
 def assert_grads_close(g: dict[str, torch.Tensor], g1: dict[str, torch.Tensor], step: int) -> None:
     """P processes' averaged gradients vs one process's (both before clipping), tensor by tensor: the float32
-    rounding of a summed element scales with the largest gradient of its tensor, so the tolerance is 1e-4 of
-    that (a missing gather, a gradient off by the number of processes, a rank's batch dropped: ≥ 10 %).
+    rounding of a summed element scales with the largest gradient of its tensor, so the tolerance is 3e-4 of
+    that (a missing gather, a gradient off by the number of processes, a rank's batch dropped: ≥ 10 %).  The
+    rounding grows step by step: SwAV's queue test measured 1.01e-4 at its 4th step on one of the project's
+    machines (an AMD EPYC; 1e-4 had passed on others), so 3e-4 leaves room and stays 300× below the bugs.
     A gradient that is zero in exact arithmetic (the bias of a layer followed by batch norm) is float32 noise of
     the size of the whole model's gradients: the tolerance never goes below 1e-6 of the largest of those."""
     assert g.keys() == g1.keys()
@@ -97,7 +99,7 @@ def assert_grads_close(g: dict[str, torch.Tensor], g1: dict[str, torch.Tensor], 
     for name, want in g1.items():
         scale = want.abs().max().item()
         diff = (g[name] - want).abs().max().item()
-        assert diff <= max(1e-4 * scale, floor, 1e-12), \
+        assert diff <= max(3e-4 * scale, floor, 1e-12), \
             f"step {step}, {name}: max grad diff {diff:.3g}, the gradient's {scale:.3g}"
 
 
