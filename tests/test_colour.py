@@ -1,9 +1,20 @@
 """CIE L*a*b* (``sslhub.data.colour``) against scikit-image's ``rgb2lab`` / ``lab2rgb`` and the CIE's own values."""
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from sslhub.data.colour import join_lab, lab_to_rgb, rgb_to_lab, split_lab
+from sslhub.data.colour import (
+    annealed_mean,
+    gamut_bins,
+    join_lab,
+    lab_to_rgb,
+    rebalancing_weights,
+    rgb_to_lab,
+    soft_encode,
+    split_lab,
+)
 
 skimage_color = pytest.importorskip("skimage.color")  # a test dependency (pyproject's [test] extra)
 
@@ -66,3 +77,63 @@ def test_bad_shapes_are_clear_errors():
         rgb_to_lab(torch.rand(2, 4, 4))
     with pytest.raises(ValueError, match="3 channels"):
         lab_to_rgb(torch.rand(1, 2, 4, 4))
+
+
+# ----------------------------------------------------------------------------- quantised ab (Zhang et al. 2016)
+@pytest.fixture(scope="module")
+def bins():
+    return gamut_bins()
+
+
+def test_gamut_bins_cover_every_srgb_colour(bins):
+    assert bins.shape == (261, 2)  # sRGB's gamut at grid 10 (the paper's 313: the bins seen in ImageNet)
+    assert torch.equal(bins, (bins / 10).round() * 10)  # centres on multiples of 10
+    rgb = random_rgb(n=2, h=100, w=100, seed=4, dtype=torch.float64)
+    ab = rgb_to_lab(rgb)[:, 1:].permute(0, 2, 3, 1).reshape(-1, 2)
+    nearest = torch.cdist(ab, bins.double()).min(1).values
+    assert nearest.max() <= 5 * math.sqrt(2) + 1e-6  # inside its bin: half a bin's diagonal at most
+
+
+def test_soft_encoding_is_a_gaussian_over_the_5_nearest_bins(bins):
+    ab = torch.tensor([[12.3, -40.7], [0.0, 0.0], [30.0, 20.0]])
+    z = soft_encode(ab, bins)
+    assert z.shape == (3, 261) and torch.allclose(z.sum(1), torch.ones(3))
+    assert ((z > 0).sum(1) == 5).all()
+    # the first row by hand: the 5 closest centres, weights exp(-d²/50) normalised
+    d = [math.dist(ab[0].tolist(), c) for c in bins.tolist()]
+    order = sorted(range(len(d)), key=d.__getitem__)[:5]
+    w = [math.exp(-d[i] ** 2 / (2 * 5.0**2)) for i in order]
+    for i, wi in zip(order, w):
+        assert z[0, i].item() == pytest.approx(wi / sum(w), rel=1e-5)
+    on = bins.tolist().index([30.0, 20.0])
+    assert z[2].argmax().item() == on  # a value on a centre weighs most there
+
+
+def test_rebalancing_weights_follow_the_paper(bins):
+    q = bins.shape[0]
+    assert torch.allclose(rebalancing_weights(torch.ones(q), bins, sigma=0), torch.ones(q))  # uniform: all 1
+    prior = torch.ones(q)
+    prior[0] = q  # one bin holds half the pixels
+    p = prior / prior.sum()
+    for lam in (0.5, 0.2):  # the paper's λ, and one where (1 − λ) and λ differ
+        raw = 1 / ((1 - lam) * p + lam / q)
+        assert torch.allclose(rebalancing_weights(prior, bins, lam=lam, sigma=0), raw / (p * raw).sum(), rtol=1e-6)
+    w = rebalancing_weights(prior, bins, lam=0.5, sigma=0)
+    assert w[0] < 1 < w[1]  # the common colour counts less, the rare ones more
+    assert (p * w).sum().item() == pytest.approx(1.0, rel=1e-6)
+    smoothed = rebalancing_weights(prior, bins)  # σ = 5: the common bin's neighbours share its mass
+    assert (p * smoothed).sum() < 1.5 and smoothed[0] < smoothed[1]
+
+
+def test_annealed_mean_runs_from_the_mean_to_the_mode(bins):
+    g = torch.Generator().manual_seed(5)
+    probs = torch.softmax(torch.randn(3, bins.shape[0], 2, 2, generator=g) * 3, dim=1)  # (N, Q, H, W)
+    mean = annealed_mean(probs, bins, temperature=1.0)
+    assert mean.shape == (3, 2, 2, 2)
+    assert torch.allclose(mean, torch.einsum("nqhw,qc->nchw", probs, bins), atol=1e-4)
+    mode = annealed_mean(probs, bins, temperature=1e-3)
+    assert torch.allclose(mode, bins[probs.argmax(1)].permute(0, 3, 1, 2), atol=1e-3)
+    t = 0.38  # the paper's: written out for one pixel
+    f = probs[0, :, 1, 0] ** (1 / t)
+    want = (f / f.sum()) @ bins
+    assert torch.allclose(annealed_mean(probs, bins, t)[0, :, 1, 0], want, atol=1e-4)

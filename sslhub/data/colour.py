@@ -87,3 +87,50 @@ def split_lab(rgb: Tensor) -> tuple[Tensor, Tensor]:
 def join_lab(l: Tensor, ab: Tensor, clip: bool = True) -> Tensor:
     """The inverse of :func:`split_lab`: scaled ``L (…, 1, H, W)`` and ``ab (…, 2, H, W)`` → sRGB in ``[0, 1]``."""
     return lab_to_rgb(torch.cat([l * L_SCALE + L_CENTRE, ab * AB_SCALE], dim=-3), clip=clip)
+
+
+# ----------------------------------------------------------------------------- quantised ab (Zhang et al. 2016 §2.1)
+AB_GRID = 10.0  # bin side in ab units (the paper: 10)
+
+
+def gamut_bins(grid: float = AB_GRID, steps: int = 101) -> Tensor:
+    """Centres ``(Q, 2)`` of the ab bins (side ``grid``, centres on multiples of it) that some sRGB colour falls in:
+    the sRGB cube sampled at ``steps`` levels a channel (101³ colours), each colour's ab rounded to its bin, the bins
+    hit kept, sorted by (a, b).  The paper's Q = 313 counts the bins seen in ImageNet; sRGB's whole gamut at grid 10
+    gives 261 (the tests count them, and check that every sRGB colour lies within half a bin's diagonal of one)."""
+    v = torch.linspace(0, 1, steps, dtype=torch.float64)
+    rgb = torch.stack(torch.meshgrid(v, v, v, indexing="ij")).reshape(3, 1, -1)  # (3, 1, steps³)
+    ab = rgb_to_lab(rgb)[1:].reshape(2, -1).T  # (steps³, 2)
+    idx = torch.unique(torch.round(ab / grid).long(), dim=0)  # sorted rows
+    return (idx.double() * grid).float()
+
+
+def soft_encode(ab: Tensor, bins: Tensor, k: int = 5, sigma: float = 5.0) -> Tensor:
+    """Zhang et al. §2.1's soft targets: ab values ``(N, 2)`` (unscaled Lab units) → ``(N, Q)`` distributions over the
+    bins, nonzero on the ``k`` nearest bins, weighted by a Gaussian of their distance (σ = 5), summing to 1."""
+    d2 = torch.cdist(ab.double(), bins.to(ab.device).double()) ** 2  # (N, Q)
+    near, idx = d2.topk(k, dim=1, largest=False)
+    w = torch.softmax(-near / (2 * sigma**2), dim=1)  # = exp(−d²/2σ²) / Σ over the k nearest
+    return torch.zeros_like(d2).scatter_(1, idx, w).to(ab.dtype)
+
+
+def rebalancing_weights(prior: Tensor, bins: Tensor, lam: float = 0.5, sigma: float = 5.0) -> Tensor:
+    """Zhang et al. §2.2's class rebalancing: from the empirical bin frequencies ``prior (Q,)`` (any scale), smoothed by
+    a Gaussian of σ over the bins' ab distances (``sigma=0``: not smoothed), ``w ∝ ((1 − λ)·p̃ + λ/Q)^−1`` normalised so
+    that ``Σ p̃·w = 1`` (rare colours count more; λ = 1/2 in the paper)."""
+    p = prior.double() / prior.double().sum()
+    if sigma > 0:
+        kernel = torch.exp(-torch.cdist(bins.double(), bins.double()) ** 2 / (2 * sigma**2))
+        p = kernel @ p
+        p = p / p.sum()
+    w = 1.0 / ((1 - lam) * p + lam / p.numel())
+    return (w / (p * w).sum()).float()
+
+
+def annealed_mean(probs: Tensor, bins: Tensor, temperature: float = 0.38, dim: int = 1) -> Tensor:
+    """Zhang et al. §2.3's decoding: ``H(Z) = E[f_T(Z)]`` with ``f_T(z) ∝ exp(log z / T)`` (T = 0.38; T = 1: the mean,
+    T → 0: the mode).  ``probs``: distributions over the ``Q`` bins along ``dim`` → ab values, with the bins' axis
+    replaced by 2 (a, b)."""
+    logits = torch.log(probs.clamp_min(1e-12)) / temperature
+    z = torch.softmax(logits, dim=dim)
+    return torch.tensordot(z.movedim(dim, -1), bins.to(z), dims=([-1], [0])).movedim(-1, dim)
