@@ -33,6 +33,27 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def check_groups(method: Method, groups: dict[str, list[nn.Parameter]]) -> None:
+    """``method.optim_groups()`` must give every trainable parameter to exactly one optimiser: a parameter in two
+    would be stepped twice a step, one in none would never train.  A ``ValueError`` naming the parameter (a bug in
+    the method, not in the recipe)."""
+    names = {id(p): n for n, p in method.named_parameters()}
+    owner: dict[int, str] = {}
+    for key, params in groups.items():
+        if not params:
+            raise ValueError(f"{type(method).__name__}.optim_groups(): the optimiser of {key!r} has no parameters")
+        for p in params:
+            if id(p) in owner:
+                raise ValueError(f"{type(method).__name__}.optim_groups(): {names.get(id(p), 'a parameter')} is in "
+                                 f"both {owner[id(p)]!r} and {key!r}: it would be stepped twice a step")
+            owner[id(p)] = key
+    missing = [n for n, p in method.named_parameters() if p.requires_grad and id(p) not in owner]
+    if missing:
+        raise ValueError(f"{type(method).__name__}.optim_groups(): {len(missing)} trainable parameter(s) in no "
+                         f"optimiser ({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}): they would never "
+                         "train (set requires_grad=False on what is meant to stay fixed)")
+
+
 def accumulate_gradients(method: Method, groups: dict[str, list[nn.Parameter]], batches: list[Batch],
                          autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                          parallel: Parallel | None = None) -> dict[str, float]:

@@ -54,7 +54,7 @@ from sslhub.train.optim import build_optimizer, scaled_lr
 from sslhub.train.parallel import Parallel
 from sslhub.train.recipe import Recipe
 from sslhub.train.run_folder import check_run_folder, clear_run_folder, newest_usable, reject
-from sslhub.train.step import accumulate_gradients, apply_update, pick_captions, pick_device, step_seed
+from sslhub.train.step import accumulate_gradients, apply_update, check_groups, pick_captions, pick_device, step_seed
 
 log = logging.getLogger("sslhub.train")
 
@@ -205,6 +205,7 @@ class Trainer:
                         "statistics): with train.accumulate=%d that batch is a micro-batch of %d images, not the %d "
                         "images of a step", r.method, tc.accumulate, r.data.batch_size, self.step_batch)
         self.groups = self.method.optim_groups()
+        check_groups(self.method, self.groups)
         self.params = [p for p in self.method.parameters() if p.requires_grad]
         self.weight_norm_start = weight_norm(self.params)  # replaced by the checkpoint's on --resume
         lr = scaled_lr(r.optim, self.step_batch)
