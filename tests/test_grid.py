@@ -150,9 +150,10 @@ def test_pixelate_is_block_means_then_bilinear_and_sides_follow_the_draws():
 
 
 def test_each_patch_is_normalised_on_its_own():
-    p = torch.rand(4, 9, 3, 8, 8) * torch.rand(4, 9, 3, 1, 1) * 5 + 2
+    g = torch.Generator().manual_seed(6)
+    p = torch.rand(4, 9, 3, 8, 8, generator=g) * torch.rand(4, 9, 3, 1, 1, generator=g) * 5 + 2  # means 2 … 7
     out = normalize_each_patch(p)
-    assert torch.allclose(out.mean(dim=(-2, -1)), torch.zeros(4, 9, 3), atol=1e-5)
+    assert torch.allclose(out.mean(dim=(-2, -1)), torch.zeros(4, 9, 3), atol=1e-4)  # float32 rounding of ~1e-6
     assert torch.allclose(out.std(dim=(-2, -1), unbiased=False), torch.ones(4, 9, 3), atol=1e-3)
 
 

@@ -93,7 +93,7 @@ SETTINGS: dict[str, dict] = {
         "set": {"method_args.guards": {"colour": "none", "pixelate_p": 0.0}, "method_args.all_neighbours": True,
                 "optim.lr": 0.5},
         "why": "one neighbour drawn per image makes the label of 16 pairs change every step: the loss jitters by "
-               "±0.15 around ln 8 and 40 steps cannot show a fall (measured: drop 0.06, noise 0.07); all 8 pairs of "
+               "±0.15 around ln 8 and 40 steps cannot show a fall (measured with the recipe: drop 0.017, noise 0.12); all 8 pairs of "
                "each image (128 labels a step) cut that noise 3x.  The guards (colour dropping, pixelation) leave "
                "little to learn in 40 steps on 3-px patches (drop 0.13 with them, noise 0.023); they have their own "
                "tests (test_grid.py, test_patch_context.py).  lr 0.5 x 16/256: the recipe's 0.2 is slower"},

@@ -98,7 +98,7 @@ def gapped_grid(size: int, n: int, patch_frac: float, jitter_frac: float) -> Gri
         raise InputError(f"patch grid: a {size}-px view has no room for a {n}×{n} grid")
     patch = max(1, round(patch_frac * cell))
     room = cell - patch
-    jitter = min(int(round(jitter_frac * patch)), room - room // 2, room // 2)
+    jitter = min(int(round(jitter_frac * patch)), room // 2)  # centre ± jitter stays inside the cell
     return GridGeometry(n=n, patch=patch, stride=cell, jitter=max(jitter, 0), size=size)
 
 

@@ -37,13 +37,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from sslhub.config import check
 from sslhub.data.augment import ViewConfig
 from sslhub.data.grid import PatchGuards, RowDraws, sample_positions, take_patches
 from sslhub.methods.base import Batch
-from sslhub.methods.patch_context import PatchContextConfig, PatchTowerMethod, mlp_block
+from sslhub.methods.common import projection_mlp
+from sslhub.methods.patch_context import PatchContextConfig, PatchTowerMethod
 from sslhub.methods.registry import register_method
 from sslhub.publish.pictures import image_grid
 
@@ -117,15 +117,14 @@ class Jigsaw(PatchTowerMethod):
         super().__init__(backbone, cfg, cfg.tile_dim)
         perms = max_min_hamming_permutations(cfg.num_permutations, cfg.perm_seed)
         self.register_buffer("permutations", torch.from_numpy(perms.copy()))  # (P, 9): in every checkpoint
-        self.classifier = nn.Sequential(mlp_block(N_TILES * self.patch_dim, cfg.hidden_dim),
-                                        nn.Linear(cfg.hidden_dim, cfg.num_permutations))
+        self.classifier = projection_mlp(N_TILES * self.patch_dim, cfg.hidden_dim, cfg.num_permutations)  # fc7, fc8
 
-    def tiles(self, x: torch.Tensor, draws: RowDraws | None) -> tuple[torch.Tensor, int]:
+    def tiles(self, x: torch.Tensor, draws: RowDraws | None) -> torch.Tensor:
         """Views ``(n, 3, S, S)`` in ``[0, 1]`` → the 9 tiles in grid order ``(n, 9, 3, p, p)`` (``draws=None``:
-        centred, no jitter), and the tile side."""
+        centred, no jitter)."""
         geom = self.geometry(x.shape[-1])
         tops, lefts = sample_positions(geom, draws, count=x.shape[0])
-        return take_patches(x, tops, lefts, geom.patch), geom.patch
+        return take_patches(x, tops, lefts, geom.patch)
 
     def logits(self, shuffled: torch.Tensor) -> torch.Tensor:
         """Shuffled tiles ``(n, 9, 3, p, p)`` in ``[0, 1]`` → ``(n, P)``, each tile normalised on its own."""
@@ -134,7 +133,7 @@ class Jigsaw(PatchTowerMethod):
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         draws = RowDraws(batch.sample_seed(), batch.sample_offset(), batch.images.shape[0])  # before rng
         x = self.augment(batch.images, batch.rng)  # (B, 3, S, S) in [0, 1]
-        tiles, _ = self.tiles(x, draws)
+        tiles = self.tiles(x, draws)
         labels = draws.randint(0, self.cfg.num_permutations).to(x.device)  # (B,)
         shuffled = self.guard(shuffle_tiles(tiles, self.permutations[labels]), draws)
         logits = self.logits(shuffled)
@@ -148,7 +147,7 @@ class Jigsaw(PatchTowerMethod):
         g = torch.Generator().manual_seed(seed)
         correct = total = 0
         for i in range(0, images.shape[0], batch_size):
-            tiles, _ = self.tiles(self.eval_views(images[i : i + batch_size]), None)
+            tiles = self.tiles(self.eval_views(images[i : i + batch_size]), None)
             k = torch.randint(0, self.cfg.num_permutations, (tiles.shape[0],), generator=g).to(tiles.device)
             correct += int((self.logits(shuffle_tiles(tiles, self.permutations[k])).argmax(1) == k).sum())
             total += k.numel()
@@ -161,7 +160,7 @@ class Jigsaw(PatchTowerMethod):
         x = self.eval_views(images[:8])
         n = x.shape[0]
         draws = RowDraws(seed, 0, n)
-        tiles, p = self.tiles(x, draws)
+        tiles = self.tiles(x, draws)
         k = draws.randint(0, self.cfg.num_permutations).to(x.device)
         shuffled = self.guard(shuffle_tiles(tiles, self.permutations[k]), draws)
         pred = self.logits(shuffled).argmax(1)

@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from sslhub.config import check
 from sslhub.data.augment import ViewConfig
 from sslhub.data.grid import PatchGuards, RowDraws, guard_patches, sample_positions, take_patches
 from sslhub.methods.base import Batch
-from sslhub.methods.patch_context import PatchContextConfig, PatchTowerMethod, mlp_block, outline
+from sslhub.methods.common import projection_mlp
+from sslhub.methods.patch_context import PatchContextConfig, PatchTowerMethod, outline
 from sslhub.methods.registry import register_method
 from sslhub.publish.pictures import image_grid
 
@@ -77,7 +77,7 @@ class RelativePosition(PatchTowerMethod):
 
     def __init__(self, backbone, cfg: RelativePositionConfig):
         super().__init__(backbone, cfg, cfg.patch_dim)
-        self.classifier = nn.Sequential(mlp_block(2 * self.patch_dim, cfg.hidden_dim), nn.Linear(cfg.hidden_dim, N_CLASSES))
+        self.classifier = projection_mlp(2 * self.patch_dim, cfg.hidden_dim, N_CLASSES)  # fc7 (BN, ReLU), fc8
 
     def pairs(self, x: torch.Tensor, draws: RowDraws | None, labels: torch.Tensor) -> torch.Tensor:
         """Views ``x (n, 3, S, S)`` in ``[0, 1]`` → the (centre, neighbour ``labels``) patches ``(n, 2, 3, p, p)``
